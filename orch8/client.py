@@ -1,0 +1,114 @@
+"""`orch8.Client`: drive orch8 from Python, straight through PostgreSQL.
+
+`enqueue(conn, ...)` creates an instance inside the caller's own transaction: it exists
+only if that transaction commits, so "save the order and start its workflow" is atomic.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import psycopg
+from psycopg_pool import ConnectionPool
+
+from orch8.database import resolve_dsn
+from orch8.errors import DefinitionError
+from orch8.model import TERMINAL_STATES, State, parse_name, parse_steps
+from orch8.requests import parse_new_instance
+from orch8.store import instances, sequences
+from orch8.store.instances import Created, Instance, NewInstance
+from orch8.store.sequences import Sequence
+
+MAX_BATCH = 10_000
+
+
+class Client:
+    """A small pool of connections and one method per operation."""
+
+    def __init__(self, dsn: str | None = None, *, data_dir: str | None = None) -> None:
+        self._pool = ConnectionPool(
+            resolve_dsn(dsn, data_dir), min_size=1, max_size=4,
+            kwargs={"autocommit": True}, open=True, name="orch8-client",
+        )
+
+    def close(self) -> None:
+        self._pool.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _run(self, query: instances.Query[Any]) -> Any:
+        with self._pool.connection() as conn:
+            return query.run(conn)
+
+    def create_sequence(self, name: str, steps: list[dict[str, Any]]) -> Sequence:
+        """Store a definition; under an existing name it becomes the next version."""
+        return self._run(sequences.create_sequence(parse_name(name), parse_steps(steps)))
+
+    def get_sequence(self, name: str, version: int | None = None) -> Sequence:
+        return self._run(sequences.get_sequence(name, version))
+
+    def list_sequences(self) -> list[Sequence]:
+        return self._run(sequences.list_sequences())
+
+    def start(self, sequence: str, input: dict[str, Any] | None = None, **options: Any) -> Created:
+        """Create one instance. Options: version, priority, delay_ms, run_at,
+        idempotency_key, concurrency_key, max_concurrency."""
+        return self._run(instances.create_instance(_request(sequence, input, options)))
+
+    def start_many(self, requests: list[dict[str, Any]]) -> list[Created]:
+        """Create many instances in one transaction: all of them, or none."""
+        if len(requests) > MAX_BATCH:
+            raise DefinitionError("instances", f"at most {MAX_BATCH} per batch")
+        parsed = [parse_new_instance(body) for body in requests]
+        with self._pool.connection() as conn, conn.transaction():
+            return [instances.create_instance(request).run(conn) for request in parsed]
+
+    def get(self, instance_id: uuid.UUID | str) -> Instance:
+        return self._run(instances.get_instance(uuid.UUID(str(instance_id))))
+
+    def list(self, **filters: Any) -> list[Instance]:
+        """Filters: state, sequence, concurrency_key, before (an id), limit."""
+        return self._run(instances.list_instances(**filters))
+
+    def cancel(self, instance_id: uuid.UUID | str) -> None:
+        self._run(instances.cancel_instance(uuid.UUID(str(instance_id))))
+
+    def retry(self, instance_id: uuid.UUID | str) -> None:
+        self._run(instances.retry_instance(uuid.UUID(str(instance_id))))
+
+    def queue_depth(self) -> dict[str, int]:
+        return self._run(instances.queue_depth())
+
+    def wait(self, instance_id: uuid.UUID | str, timeout_s: float = 60.0,
+             poll_s: float = 0.05) -> Instance:
+        """Poll until the instance is completed, failed or cancelled; TimeoutError after."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            instance = self.get(instance_id)
+            if instance.state in TERMINAL_STATES:
+                return instance
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"instance {instance_id} still {instance.state}")
+            time.sleep(poll_s)
+
+
+def enqueue(conn: psycopg.Connection[Any], sequence: str,
+            input: dict[str, Any] | None = None, **options: Any) -> Created:
+    """Create an instance with the caller's connection, inside the caller's transaction."""
+    return instances.create_instance(_request(sequence, input, options)).run(conn)
+
+
+def _request(sequence: str, input: dict[str, Any] | None, options: dict[str, Any]) -> NewInstance:
+    body = {"sequence": sequence, "input": input or {}}
+    if "priority" in options and hasattr(options["priority"], "name"):
+        options = options | {"priority": options["priority"].name.lower()}
+    return parse_new_instance(body | options)
+
+
+__all__ = ["Client", "enqueue", "State"]

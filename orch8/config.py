@@ -1,0 +1,158 @@
+"""One `Settings` object: read from the environment, validated once, pickled into workers.
+
+Every `ORCH8_*` variable the project understands is declared in `FIELDS`; an unknown one
+is a typo that would otherwise be silently ignored, so it stops start-up with a message
+naming it. Command-line flags override the environment by building `Settings` from a
+copy of the environment with the flags written in.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from orch8.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str | None = None
+    node_id: str | None = None
+    data_dir: str | None = None
+    workers: int = max(1, os.cpu_count() or 1)
+    heartbeat_interval_s: float = 10.0
+    stale_threshold_s: float = 60.0
+    batch_size: int = 50
+    tick_interval_ms: int = 100
+    max_in_flight: int = 100
+    handlers: tuple[str, ...] = ()
+    bind: str = "127.0.0.1:8080"
+    drain_timeout_s: float = 300.0
+    log_level: str = "INFO"
+    api_token: str | None = None
+    insecure: bool = False
+    # Group commit: how long the step-output writer waits to gather more writes.
+    commit_linger_ms: float = 1.0
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from `environ` (default `os.environ`), rejecting unknown keys."""
+        environ = os.environ if environ is None else environ
+        known = {variable for variable, _, _ in FIELDS} | IGNORED_KEYS
+        for key in environ:
+            if key.startswith("ORCH8_") and key not in known:
+                raise ConfigError(f"unknown environment variable {key}")
+        values: dict[str, Any] = {}
+        for variable, field_name, parse in FIELDS:
+            raw = environ.get(variable)
+            if raw is None or raw == "":
+                continue
+            try:
+                values[field_name] = parse(raw)
+            except ValueError as error:
+                raise ConfigError(f"{variable}: {error}") from None
+        return cls(**values).validated()
+
+    def validated(self) -> Settings:
+        """Return self, or raise `ConfigError` naming the first value out of range."""
+        checks = [
+            ("ORCH8_WORKERS", self.workers >= 1 and self.workers <= 256),
+            ("ORCH8_HEARTBEAT_INTERVAL_SECS", 0 < self.heartbeat_interval_s <= 3600),
+            ("ORCH8_STALE_THRESHOLD_SECS", self.stale_threshold_s > self.heartbeat_interval_s),
+            ("ORCH8_BATCH_SIZE", 1 <= self.batch_size <= 10_000),
+            ("ORCH8_TICK_INTERVAL_MS", 1 <= self.tick_interval_ms <= 600_000),
+            ("ORCH8_MAX_IN_FLIGHT", 1 <= self.max_in_flight <= 100_000),
+            ("ORCH8_DRAIN_TIMEOUT_SECS", 0 <= self.drain_timeout_s <= 86_400),
+            ("ORCH8_LOG_LEVEL", self.log_level in LOG_LEVELS),
+            ("ORCH8_COMMIT_LINGER_MS", 0 <= self.commit_linger_ms <= 1000),
+        ]
+        for variable, ok in checks:
+            if not ok:
+                raise ConfigError(f"{variable}: value out of range")
+        if self.node_id is not None and not _is_node_id(self.node_id):
+            raise ConfigError("ORCH8_NODE_ID: use 1-64 letters, digits, '-', '_' or '.'")
+        return self
+
+    def with_overrides(self, **overrides: Any) -> Settings:
+        """A copy with the given fields replaced (command-line flags), validated again."""
+        present = {k: v for k, v in overrides.items() if v is not None}
+        return replace(self, **present).validated()
+
+    def __repr__(self) -> str:
+        # Never print secrets: the DSN may carry a password, the token is a credential.
+        shown = []
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if field.name in ("database_url", "api_token") and value:
+                value = "<set>"
+            shown.append(f"{field.name}={value!r}")
+        return f"Settings({', '.join(shown)})"
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value < 0:
+        raise ValueError("must not be negative")
+    return value
+
+
+def _seconds(raw: str) -> float:
+    value = float(raw)
+    if not value >= 0 or value == float("inf"):
+        raise ValueError("must be a non-negative number of seconds")
+    return value
+
+
+def _boolean(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
+
+
+def _module_list(raw: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in raw.split(",") if part.strip())
+
+
+def _is_node_id(value: str) -> bool:
+    allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+    return 1 <= len(value) <= 64 and set(value) <= allowed
+
+
+def _text(raw: str) -> str:
+    return raw
+
+
+def _upper(raw: str) -> str:
+    return raw.strip().upper()
+
+
+# (environment variable, Settings field, parser)
+FIELDS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
+    ("DATABASE_URL", "database_url", _text),
+    ("ORCH8_NODE_ID", "node_id", _text),
+    ("ORCH8_DATA_DIR", "data_dir", _text),
+    ("ORCH8_WORKERS", "workers", _positive_int),
+    ("ORCH8_HEARTBEAT_INTERVAL_SECS", "heartbeat_interval_s", _seconds),
+    ("ORCH8_STALE_THRESHOLD_SECS", "stale_threshold_s", _seconds),
+    ("ORCH8_BATCH_SIZE", "batch_size", _positive_int),
+    ("ORCH8_TICK_INTERVAL_MS", "tick_interval_ms", _positive_int),
+    ("ORCH8_MAX_IN_FLIGHT", "max_in_flight", _positive_int),
+    ("ORCH8_HANDLERS", "handlers", _module_list),
+    ("ORCH8_BIND", "bind", _text),
+    ("ORCH8_DRAIN_TIMEOUT_SECS", "drain_timeout_s", _seconds),
+    ("ORCH8_LOG_LEVEL", "log_level", _upper),
+    ("ORCH8_API_TOKEN", "api_token", _text),
+    ("ORCH8_INSECURE", "insecure", _boolean),
+    ("ORCH8_COMMIT_LINGER_MS", "commit_linger_ms", _seconds),
+)
+
+# Variables read elsewhere (the command-line client, the test suite), not by the node.
+IGNORED_KEYS = frozenset({"ORCH8_URL", "ORCH8_TEST_DATABASE_URL"})

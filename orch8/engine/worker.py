@@ -1,0 +1,167 @@
+"""The claim loop of one worker process.
+
+Every `tick_interval_ms`, or at once when a NOTIFY says work arrived or a slot frees up
+while a backlog exists, it claims up to `min(batch_size, free slots)` due instances and
+runs each in its own task. Polling is the source of truth; NOTIFY only shortens the wait.
+
+Stopping: `stop` set -> stop claiming; in-flight instances finish the step they are in and
+release the rest of their run; after `drain_timeout_s` (or at once after `hurry()`), what
+still runs is cancelled and its claims released (fenced), so nothing waits for staleness.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+
+from orch8.config import Settings
+from orch8.engine.committer import StepCommitter
+from orch8.engine.executor import Executor
+from orch8.engine.stats import WorkerStats
+from orch8.handlers.registry import Registry, default_registry
+from orch8.store import claims
+from orch8.store.claims import Claimed, Owner
+
+log = logging.getLogger("orch8.engine.worker")
+
+
+class Worker:
+    def __init__(
+        self,
+        settings: Settings,
+        dsn: str,
+        owner: Owner,
+        registry: Registry | None = None,
+        stats: WorkerStats | None = None,
+    ) -> None:
+        self.settings = settings
+        self.owner = owner
+        self.stats = stats or WorkerStats()
+        self._dsn = dsn
+        self._registry = registry or default_registry
+        self._running: dict[asyncio.Task[None], Claimed] = {}
+        self._wake = asyncio.Event()
+        self._hurry = asyncio.Event()
+        self._draining = False
+        self._last_claim_full = False
+
+    @property
+    def free_slots(self) -> int:
+        return self.settings.max_in_flight - len(self._running)
+
+    def hurry(self) -> None:
+        """Cut a graceful stop short: cancel what still runs and release it now."""
+        self._hurry.set()
+        self._wake.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Claim and execute until `stop` is set, then stop gracefully."""
+        pool = AsyncConnectionPool(
+            self._dsn, min_size=2, max_size=8, kwargs={"autocommit": True}, open=False,
+            name=f"orch8-worker-{self.owner.slot}",
+        )
+        await pool.open(wait=True, timeout=30)
+        threads = ThreadPoolExecutor(max_workers=min(64, self.settings.max_in_flight),
+                                     thread_name_prefix="orch8-handler")
+        committer = StepCommitter(pool, self.settings.commit_linger_ms / 1000)
+        executor = Executor(pool, committer, self._registry, self.stats, threads,
+                            lambda: self._draining)
+        background = [
+            asyncio.create_task(committer.run(), name="committer"),
+            asyncio.create_task(self._listen(stop), name="listen"),
+        ]
+        try:
+            await self._claim_loop(pool, executor, stop)
+            await self._finish(pool)
+        finally:
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            threads.shutdown(wait=False, cancel_futures=True)
+            await pool.close()
+
+    async def run_once(self, pool: AsyncConnectionPool, executor: Executor) -> int:
+        """One claim: take what is due (up to the free slots) and start it; return how many."""
+        limit = min(self.settings.batch_size, self.free_slots)
+        if limit <= 0 or self._draining:
+            return 0
+        async with pool.connection() as conn:
+            claimed = await claims.claim(conn, self.owner, limit)
+        self._last_claim_full = len(claimed) == limit
+        self.stats.add("claimed", len(claimed))
+        for instance in claimed:
+            self.stats.claim_lateness_seconds.append(max(0.0, instance.lateness_s))
+            task = asyncio.create_task(executor.run(instance), name=f"instance-{instance.id}")
+            self._running[task] = instance
+            task.add_done_callback(self._on_done)
+        self.stats.in_flight = len(self._running)
+        return len(claimed)
+
+    async def _claim_loop(self, pool: AsyncConnectionPool, executor: Executor,
+                          stop: asyncio.Event) -> None:
+        tick = self.settings.tick_interval_ms / 1000
+        while not stop.is_set():
+            try:
+                await self.run_once(pool, executor)
+            except (psycopg.OperationalError, OSError) as error:
+                log.warning("claim failed (%s); retrying next tick", error)
+                self._last_claim_full = False
+            if self._last_claim_full and self.free_slots > 0:
+                continue  # a backlog: claim again straight away
+            self._wake.clear()
+            stop_wait = asyncio.ensure_future(stop.wait())
+            wake_wait = asyncio.ensure_future(self._wake.wait())
+            await asyncio.wait({stop_wait, wake_wait}, timeout=tick,
+                               return_when=asyncio.FIRST_COMPLETED)
+            stop_wait.cancel()
+            wake_wait.cancel()
+
+    def _on_done(self, task: asyncio.Task[None]) -> None:
+        instance = self._running.pop(task)
+        self.stats.in_flight = len(self._running)
+        if not task.cancelled() and task.exception() is not None:
+            # Only a bug or a lasting database outage gets here; the claim stays with this
+            # worker until it is released at stop (or by the supervisor when it exits).
+            log.error("instance %s: run ended with %r", instance.id, task.exception())
+        if self._last_claim_full or not self._running:
+            self._wake.set()
+
+    async def _finish(self, pool: AsyncConnectionPool) -> None:
+        """Graceful stop: let in-flight steps end, then release whatever is left."""
+        self._draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.drain_timeout_s
+        if self._running:
+            log.info("stopping: waiting for %d in-flight instances", len(self._running))
+        while self._running and not self._hurry.is_set() and loop.time() < deadline:
+            hurry = asyncio.ensure_future(self._hurry.wait())
+            await asyncio.wait({*self._running, hurry}, timeout=deadline - loop.time(),
+                               return_when=asyncio.FIRST_COMPLETED)
+            hurry.cancel()
+        left = dict(self._running)
+        for task in left:
+            task.cancel()
+        await asyncio.gather(*left, return_exceptions=True)
+        if left:
+            async with pool.connection() as conn:
+                released = await claims.release_unstarted(conn, list(left.values()))
+            self.stats.add("released", released)
+            log.info("stopping: released %d unfinished instances", released)
+
+    async def _listen(self, stop: asyncio.Event) -> None:
+        """Set the wake event on every NOTIFY; reconnect quietly if the connection drops."""
+        while not stop.is_set():
+            try:
+                async with await psycopg.AsyncConnection.connect(
+                        self._dsn, autocommit=True) as conn:
+                    await conn.execute("LISTEN orch8_work")
+                    async for _ in conn.notifies():
+                        self._wake.set()
+            except (psycopg.OperationalError, OSError) as error:
+                log.debug("listen connection lost (%s); polling meanwhile", error)
+                await asyncio.sleep(1.0)
+

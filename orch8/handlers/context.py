@@ -1,0 +1,19 @@
+"""What a handler sees of the instance it runs for."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class StepContext:
+    instance_id: uuid.UUID
+    sequence: str
+    step_id: str
+    # 1 on the first try, 2 on the first retry, ...
+    attempt: int
+    input: dict[str, Any]
+    # Outputs of the steps that finished before this one, by step id.
+    steps: dict[str, Any]

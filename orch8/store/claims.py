@@ -1,0 +1,244 @@
+"""The worker's side of `instances`: the claim, and every write made under a claim.
+
+Every write after the claim names the `claim_epoch` it was claimed with and applies only
+while the row is still `running` under that epoch. "Not applied" means the claim was lost
+(a stale-node sweep, a worker release or a cancel bumped the epoch): the caller logs and
+drops the write. That guard is what applies a step's outcome exactly once even when its
+handler ran twice.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+from orch8.model import Priority
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A claimed instance: what the executor needs to run its steps."""
+
+    id: uuid.UUID
+    epoch: int
+    sequence_name: str
+    sequence_version: int
+    input: dict[str, Any]
+    step_index: int
+    attempt: int
+    delay_done: bool
+    priority: Priority
+    # Seconds from when it was due to when it was claimed (the claim-latency metric).
+    lateness_s: float
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Who claims: a node's current incarnation and one worker slot in it."""
+
+    node_id: str
+    incarnation: uuid.UUID
+    slot: int
+
+
+CLAIM = """
+WITH due AS (
+    SELECT id FROM instances
+    WHERE state = 'scheduled' AND next_fire_at <= now()
+    ORDER BY priority DESC, next_fire_at
+    LIMIT %(limit)s
+    -- SKIP LOCKED: never wait on a row another worker is claiming; take the next one.
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE instances i
+SET state = 'running', claimed_by = %(node_id)s, claim_incarnation = %(incarnation)s,
+    claimed_slot = %(slot)s, claimed_at = now(), claim_epoch = i.claim_epoch + 1,
+    updated_at = now()
+FROM due
+WHERE i.id = due.id
+RETURNING i.id, i.claim_epoch AS epoch, i.sequence_name, i.sequence_version, i.input,
+    i.step_index, i.attempt, i.delay_done, i.priority,
+    extract(epoch FROM now() - i.next_fire_at)::float8 AS lateness_s
+"""
+
+
+async def claim(conn: psycopg.AsyncConnection[Any], owner: Owner, limit: int) -> list[Claimed]:
+    """Claim up to `limit` due instances, highest priority first, then oldest due."""
+    async with conn.cursor(row_factory=dict_row) as cursor:
+        await cursor.execute(CLAIM, _owner_params(owner) | {"limit": limit})
+        rows = await cursor.fetchall()
+    claimed = [Claimed(**(row | {"priority": Priority(row["priority"])})) for row in rows]
+    # RETURNING does not keep the scan's order; start the most urgent first.
+    claimed.sort(key=lambda c: (-c.priority, -c.lateness_s))
+    return claimed
+
+
+def _owner_params(owner: Owner) -> dict[str, Any]:
+    return {"node_id": owner.node_id, "incarnation": owner.incarnation, "slot": owner.slot}
+
+
+OUTPUTS = "SELECT step_id, output FROM step_outputs WHERE instance_id = %(id)s"
+
+
+async def load_outputs(conn: psycopg.AsyncConnection[Any], instance_id: uuid.UUID) -> dict[str, Any]:
+    """Outputs of the steps an instance already finished (for a claim that resumes it)."""
+    cursor = await conn.execute(OUTPUTS, {"id": instance_id})
+    return {step_id: output for step_id, output in await cursor.fetchall()}
+
+
+@dataclass(frozen=True)
+class StepDone:
+    """A step that succeeded: record its output and move on (or complete)."""
+
+    id: uuid.UUID
+    epoch: int
+    step_id: str
+    attempt: int
+    output_json: str
+    next_index: int
+    last: bool
+
+
+# Group commit: many instances' step outcomes in one statement. The UPDATE is the fence
+# (epoch and state must still match); only rows it updated get their output inserted.
+FINISH_STEPS = """
+WITH done AS (
+    SELECT * FROM unnest(
+        %(ids)s::uuid[], %(epochs)s::bigint[], %(step_ids)s::text[], %(attempts)s::int[],
+        %(outputs)s::text[], %(next_indexes)s::int[], %(lasts)s::bool[]
+    ) AS d(id, epoch, step_id, attempt, output, next_index, last)
+), advanced AS (
+    UPDATE instances i
+    SET step_index = d.next_index, attempt = 0, delay_done = false, updated_at = now(),
+        state = CASE WHEN d.last THEN 'completed' ELSE 'running' END,
+        finished_at = CASE WHEN d.last THEN now() END
+    FROM done d
+    WHERE i.id = d.id AND i.claim_epoch = d.epoch AND i.state = 'running'
+    RETURNING i.id
+), recorded AS (
+    INSERT INTO step_outputs (instance_id, step_id, output, attempt)
+    SELECT d.id, d.step_id, d.output::jsonb, d.attempt
+    FROM done d JOIN advanced a ON a.id = d.id
+    ON CONFLICT (instance_id, step_id) DO UPDATE
+        SET output = excluded.output, attempt = excluded.attempt, created_at = now()
+)
+SELECT id FROM advanced
+"""
+
+
+async def finish_steps(
+    conn: psycopg.AsyncConnection[Any], done: Sequence[StepDone]
+) -> set[uuid.UUID]:
+    """Apply many step successes at once; return the ids whose fence held."""
+    params = {
+        "ids": [d.id for d in done],
+        "epochs": [d.epoch for d in done],
+        "step_ids": [d.step_id for d in done],
+        "attempts": [d.attempt for d in done],
+        "outputs": [d.output_json for d in done],
+        "next_indexes": [d.next_index for d in done],
+        "lasts": [d.last for d in done],
+    }
+    cursor = await conn.execute(FINISH_STEPS, params)
+    return {row[0] for row in await cursor.fetchall()}
+
+
+FENCE = "id = %(id)s AND claim_epoch = %(epoch)s AND state = 'running'"
+
+RETRY_LATER = f"""
+UPDATE instances
+SET state = 'scheduled', attempt = attempt + 1, last_error = %(error)s,
+    next_fire_at = now() + %(backoff_ms)s * interval '1 millisecond', updated_at = now(),
+    claimed_by = NULL, claim_incarnation = NULL, claimed_slot = NULL
+WHERE {FENCE}
+"""
+
+FAIL = f"""
+UPDATE instances
+SET state = 'failed', attempt = attempt + 1, last_error = %(error)s, finished_at = now(),
+    updated_at = now()
+WHERE {FENCE}
+"""
+
+# The delay is measured from the database's clock; `delay_done` says it was waited out.
+WAIT = f"""
+UPDATE instances
+SET state = 'scheduled', delay_done = true, updated_at = now(),
+    next_fire_at = now() + %(delay_ms)s * interval '1 millisecond',
+    claimed_by = NULL, claim_incarnation = NULL, claimed_slot = NULL
+WHERE {FENCE}
+"""
+
+
+async def _fenced(conn: psycopg.AsyncConnection[Any], sql: str, params: dict[str, Any]) -> bool:
+    cursor = await conn.execute(sql, params)  # type: ignore[arg-type]
+    return cursor.rowcount == 1
+
+
+async def retry_later(
+    conn: psycopg.AsyncConnection[Any], claimed: Claimed, error: str, backoff_ms: int
+) -> bool:
+    """Count the failed attempt and schedule the next one after `backoff_ms`."""
+    params = {"id": claimed.id, "epoch": claimed.epoch, "error": error, "backoff_ms": backoff_ms}
+    return await _fenced(conn, RETRY_LATER, params)
+
+
+async def fail(conn: psycopg.AsyncConnection[Any], claimed: Claimed, error: str) -> bool:
+    """Move the instance to the dead letter (`failed`) with its last error."""
+    return await _fenced(conn, FAIL, {"id": claimed.id, "epoch": claimed.epoch, "error": error})
+
+
+async def wait(conn: psycopg.AsyncConnection[Any], claimed: Claimed, delay_ms: int) -> bool:
+    """Release the instance until its current step's delay has passed (a durable wait)."""
+    params = {"id": claimed.id, "epoch": claimed.epoch, "delay_ms": delay_ms}
+    return await _fenced(conn, WAIT, params)
+
+
+# Gives back claims that were never started (a stopping worker); attempts are untouched.
+RELEASE_UNSTARTED = """
+UPDATE instances i
+SET state = 'scheduled', claimed_by = NULL, claim_incarnation = NULL, claimed_slot = NULL,
+    updated_at = now()
+FROM unnest(%(ids)s::uuid[], %(epochs)s::bigint[]) AS r(id, epoch)
+WHERE i.id = r.id AND i.claim_epoch = r.epoch AND i.state = 'running'
+"""
+
+
+async def release_unstarted(conn: psycopg.AsyncConnection[Any], claims: Sequence[Claimed]) -> int:
+    """Put claimed-but-not-started instances back in the queue; return how many."""
+    params = {"ids": [c.id for c in claims], "epochs": [c.epoch for c in claims]}
+    cursor = await conn.execute(RELEASE_UNSTARTED, params)
+    await conn.execute("SELECT pg_notify('orch8_work', '')")
+    return cursor.rowcount
+
+
+# A worker or node that is gone: every claim it holds goes back, the epoch bumped so that
+# a late write from it (a frozen process waking up) is refused.
+RELEASE_OWNER = """
+WITH released AS (
+    UPDATE instances
+    SET state = 'scheduled', claim_epoch = claim_epoch + 1, updated_at = now(),
+        claimed_by = NULL, claim_incarnation = NULL, claimed_slot = NULL
+    WHERE state = 'running' AND claim_incarnation = %(incarnation)s
+      AND (%(slot)s::int IS NULL OR claimed_slot = %(slot)s::int)
+    RETURNING id
+)
+SELECT (SELECT count(*) FROM released) AS released, pg_notify('orch8_work', '')
+"""
+
+
+def release_owner_params(incarnation: uuid.UUID, slot: int | None) -> dict[str, Any]:
+    return {"incarnation": incarnation, "slot": slot}
+
+
+def release_owner(
+    conn: psycopg.Connection[Any], incarnation: uuid.UUID, slot: int | None = None
+) -> int:
+    """Release every claim of one incarnation (or one worker slot of it); return how many."""
+    row = conn.execute(RELEASE_OWNER, release_owner_params(incarnation, slot)).fetchone()
+    return int(row[0]) if row else 0

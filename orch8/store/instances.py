@@ -1,0 +1,280 @@
+"""The `instances` table as clients see it: create, read, list, cancel, retry, queue depth.
+
+The worker's side of the table (the claim and the fenced writes) is in `claims.py`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+from orch8.errors import Conflict, NotFound
+from orch8.ids import uuid7
+from orch8.model import Priority, State
+from orch8.store.query import Query, Row
+
+
+@dataclass(frozen=True)
+class NewInstance:
+    """What a caller asks for; validated by `orch8.requests` or the client before it gets here."""
+
+    sequence: str
+    input: dict[str, Any] = field(default_factory=dict)
+    version: int | None = None
+    priority: Priority = Priority.NORMAL
+    delay_ms: int = 0
+    run_at: datetime | None = None
+    idempotency_key: str | None = None
+    concurrency_key: str | None = None
+    max_concurrency: int | None = None
+
+
+@dataclass(frozen=True)
+class Created:
+    id: uuid.UUID
+    deduplicated: bool
+
+
+@dataclass(frozen=True)
+class Instance:
+    id: uuid.UUID
+    sequence_name: str
+    sequence_version: int
+    state: State
+    priority: Priority
+    next_fire_at: datetime
+    input: dict[str, Any]
+    step_index: int
+    attempt: int
+    concurrency_key: str | None
+    max_concurrency: int | None
+    idempotency_key: str | None
+    claimed_by: str | None
+    claim_epoch: int
+    last_error: str | None
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+    outputs: dict[str, Any] | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "id": str(self.id),
+            "sequence": self.sequence_name,
+            "version": self.sequence_version,
+            "state": str(self.state),
+            "priority": self.priority.name.lower(),
+            "next_fire_at": self.next_fire_at.isoformat(),
+            "input": self.input,
+            "step_index": self.step_index,
+            "attempt": self.attempt,
+            "concurrency_key": self.concurrency_key,
+            "max_concurrency": self.max_concurrency,
+            "idempotency_key": self.idempotency_key,
+            "claimed_by": self.claimed_by,
+            "last_error": self.last_error,
+            "created_at": self.created_at.isoformat(),
+            "updated_at": self.updated_at.isoformat(),
+            "finished_at": self.finished_at.isoformat() if self.finished_at else None,
+        }
+        if self.outputs is not None:
+            body["outputs"] = self.outputs
+        return body
+
+
+COLUMNS = """
+    id, sequence_name, sequence_version, state, priority, next_fire_at, input, step_index,
+    attempt, concurrency_key, max_concurrency, idempotency_key, claimed_by, claim_epoch,
+    last_error, created_at, updated_at, finished_at
+"""
+
+
+def _instance(row: Row) -> Instance:
+    values = dict(row)
+    values["state"] = State(values["state"])
+    values["priority"] = Priority(values["priority"])
+    return Instance(**values)
+
+
+# One statement: resolve the sequence version, insert unless the idempotency key exists,
+# and say which happened. The last branch reports an unknown sequence as a NULL id.
+CREATE = """
+WITH target AS (
+    SELECT name, version FROM sequences
+    WHERE name = %(sequence)s AND (%(version)s::int IS NULL OR version = %(version)s::int)
+    ORDER BY version DESC
+    LIMIT 1
+), inserted AS (
+    INSERT INTO instances (
+        id, sequence_name, sequence_version, priority, next_fire_at, input,
+        idempotency_key, concurrency_key, max_concurrency)
+    SELECT %(id)s, name, version, %(priority)s,
+        coalesce(%(run_at)s::timestamptz, now() + %(delay_ms)s * interval '1 millisecond'),
+        %(input)s::jsonb, %(idempotency_key)s, %(concurrency_key)s, %(max_concurrency)s
+    FROM target
+    ON CONFLICT (idempotency_key) DO NOTHING
+    RETURNING id
+)
+SELECT id, false AS deduplicated FROM inserted
+UNION ALL
+SELECT id, true FROM instances
+WHERE idempotency_key = %(idempotency_key)s AND NOT EXISTS (SELECT 1 FROM inserted)
+UNION ALL
+SELECT NULL, false WHERE NOT EXISTS (SELECT 1 FROM target)
+"""
+
+
+def create_instance(request: NewInstance) -> Query[Created]:
+    """Create one instance; with a known idempotency key, return the first one instead."""
+    params = {
+        "id": uuid7(),
+        "sequence": request.sequence,
+        "version": request.version,
+        "priority": int(request.priority),
+        "run_at": request.run_at,
+        "delay_ms": request.delay_ms,
+        "input": orjson.dumps(request.input).decode(),
+        "idempotency_key": request.idempotency_key,
+        "concurrency_key": request.concurrency_key,
+        "max_concurrency": request.max_concurrency,
+    }
+
+    def read(rows: list[Row]) -> Created:
+        if not rows:
+            # The key was inserted by a transaction that committed after this statement
+            # took its snapshot: the caller may simply try again.
+            raise Conflict("idempotency key is being used by a concurrent request; retry")
+        if rows[0]["id"] is None:
+            shown = request.sequence if request.version is None else (
+                f"{request.sequence} version {request.version}")
+            raise NotFound(f"no sequence {shown}")
+        return Created(rows[0]["id"], rows[0]["deduplicated"])
+
+    return Query(CREATE, params, read)
+
+
+GET = f"""
+SELECT {COLUMNS},
+    (SELECT coalesce(jsonb_object_agg(step_id, output), '{{}}')
+     FROM step_outputs WHERE instance_id = instances.id) AS outputs
+FROM instances WHERE id = %(id)s
+"""
+
+
+def get_instance(instance_id: uuid.UUID) -> Query[Instance]:
+    """One instance with the outputs of its finished steps; `NotFound` if unknown."""
+
+    def read(rows: list[Row]) -> Instance:
+        if not rows:
+            raise NotFound(f"no instance {instance_id}")
+        return _instance(rows[0])
+
+    return Query(GET, {"id": instance_id}, read)
+
+
+# Keyset pagination, newest first: ids are UUIDv7, so id order is creation order.
+LIST = f"""
+SELECT {COLUMNS} FROM instances
+WHERE (%(state)s::text IS NULL OR state = %(state)s::text)
+  AND (%(sequence)s::text IS NULL OR sequence_name = %(sequence)s::text)
+  AND (%(concurrency_key)s::text IS NULL OR concurrency_key = %(concurrency_key)s::text)
+  AND (%(before)s::uuid IS NULL OR id < %(before)s::uuid)
+ORDER BY id DESC
+LIMIT %(limit)s
+"""
+
+
+def list_instances(
+    *,
+    state: State | None = None,
+    sequence: str | None = None,
+    concurrency_key: str | None = None,
+    before: uuid.UUID | None = None,
+    limit: int = 100,
+) -> Query[list[Instance]]:
+    """Instances newest first; pass the last id seen as `before` for the next page."""
+    params = {
+        "state": str(state) if state else None,
+        "sequence": sequence,
+        "concurrency_key": concurrency_key,
+        "before": before,
+        "limit": limit,
+    }
+    return Query(LIST, params, lambda rows: [_instance(row) for row in rows])
+
+
+# Cancelling bumps the epoch, so a worker still running the instance finds its later
+# writes refused by the fence instead of resurrecting it.
+CANCEL = """
+WITH current AS (
+    SELECT id, state FROM instances WHERE id = %(id)s FOR UPDATE
+), changed AS (
+    UPDATE instances i
+    SET state = 'cancelled', claim_epoch = i.claim_epoch + 1, finished_at = now(),
+        updated_at = now()
+    FROM current c
+    WHERE i.id = c.id AND c.state IN ('scheduled', 'running')
+    RETURNING i.id
+)
+SELECT c.state, EXISTS (SELECT 1 FROM changed) AS changed FROM current c
+"""
+
+# Back from the dead letter: the failed step runs again with a fresh attempt count.
+RETRY = """
+WITH current AS (
+    SELECT id, state FROM instances WHERE id = %(id)s FOR UPDATE
+), changed AS (
+    UPDATE instances i
+    SET state = 'scheduled', attempt = 0, next_fire_at = now(), finished_at = NULL,
+        claim_epoch = i.claim_epoch + 1, updated_at = now()
+    FROM current c
+    WHERE i.id = c.id AND c.state = 'failed'
+    RETURNING i.id
+)
+SELECT c.state, EXISTS (SELECT 1 FROM changed) AS changed FROM current c
+"""
+
+
+def _transition(sql: str, instance_id: uuid.UUID, verb: str) -> Query[None]:
+    def read(rows: list[Row]) -> None:
+        if not rows:
+            raise NotFound(f"no instance {instance_id}")
+        if not rows[0]["changed"]:
+            raise Conflict(f"cannot {verb} an instance that is {rows[0]['state']}")
+
+    return Query(sql, {"id": instance_id}, read)
+
+
+def cancel_instance(instance_id: uuid.UUID) -> Query[None]:
+    """Cancel a scheduled or running instance; `Conflict` if it has already finished."""
+    return _transition(CANCEL, instance_id, "cancel")
+
+
+def retry_instance(instance_id: uuid.UUID) -> Query[None]:
+    """Move a failed (dead-lettered) instance back to scheduled; `Conflict` otherwise."""
+    return _transition(RETRY, instance_id, "retry")
+
+
+# Reads only the claim index (scheduled rows), so it stays cheap on a large history.
+QUEUE_DEPTH = """
+SELECT priority, count(*) AS due FROM instances
+WHERE state = 'scheduled' AND next_fire_at <= now()
+GROUP BY priority
+"""
+
+
+def queue_depth() -> Query[dict[str, int]]:
+    """Due scheduled instances per priority name, plus `total`."""
+
+    def read(rows: list[Row]) -> dict[str, int]:
+        depth = {priority.name.lower(): 0 for priority in Priority}
+        for row in rows:
+            depth[Priority(row["priority"]).name.lower()] = row["due"]
+        depth["total"] = sum(depth.values())
+        return depth
+
+    return Query(QUEUE_DEPTH, {}, read)
