@@ -1,0 +1,56 @@
+"""What the HTTP app may know of the node serving it.
+
+The supervisor implements `NodeView`; the app reads it and never imports the supervisor,
+so `orch8/` stays free of process management.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from psycopg_pool import AsyncConnectionPool
+
+from orch8.config import Settings
+
+
+@dataclass(frozen=True)
+class WorkerReport:
+    """A worker's latest report, as received over its pipe."""
+
+    slot: int
+    pid: int
+    alive: bool
+    # Totals since this worker process started (they restart from 0 with a new process).
+    counts: dict[str, int] = field(default_factory=dict)
+    in_flight: int = 0
+    # Samples observed since the worker's previous report (for histograms).
+    step_seconds: tuple[float, ...] = ()
+    claim_lateness_seconds: tuple[float, ...] = ()
+
+
+ReportListener = Callable[[WorkerReport], None]
+
+
+class NodeView(Protocol):
+    node_id: str
+    settings: Settings
+    # An async pool on the node's database for API queries (not the heartbeat's connection).
+    pool: AsyncConnectionPool
+
+    def state(self) -> str:
+        """"active", "draining" or "stopping"."""
+        ...
+
+    def is_ready(self) -> bool:
+        """Active, database reachable, every worker up: what /health/ready reports."""
+        ...
+
+    def reports(self) -> list[WorkerReport]:
+        """The latest report of every worker slot."""
+        ...
+
+    def add_report_listener(self, listener: ReportListener) -> None:
+        """Call `listener` (on the supervisor's event loop) with every report that arrives."""
+        ...
