@@ -1,0 +1,227 @@
+"""The engine end to end: real workers, real PostgreSQL, handlers from tests/handlers_core."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+
+import pytest
+
+import tests.handlers_core  # noqa: F401  (registers test handlers)
+from orch8 import Client, State
+from orch8.config import Settings
+from orch8.engine.worker import Worker
+from orch8.store.claims import Owner
+from tests.engine_helpers import FAST, run_workers_until
+
+
+@pytest.fixture
+def client(dsn):
+    with Client(dsn) as client:
+        yield client
+
+
+def finished(client, *ids):
+    return lambda: all(client.get(i).state in (State.COMPLETED, State.FAILED, State.CANCELLED)
+                       for i in ids)
+
+
+def test_steps_run_in_order_and_see_earlier_outputs(dsn, client):
+    client.create_sequence("ctx", [
+        {"id": "first", "handler": "noop", "params": {"greeting": "hi"}},
+        {"id": "second", "handler": "test_context"},
+        {"id": "third", "handler": "log", "params": {"message": "{{ input.who }}: {{ steps.first.greeting }}"}},
+    ])
+    created = client.start("ctx", {"who": "ada"})
+    run_workers_until(dsn, finished(client, created.id))
+    done = client.get(created.id)
+    assert done.state == State.COMPLETED
+    assert done.finished_at is not None
+    assert done.outputs["second"] == {
+        "input": {"who": "ada"}, "steps": {"first": {"greeting": "hi"}}, "attempt": 1,
+        "step_id": "second", "sequence": "ctx"}
+    assert done.outputs["third"] == {"message": "ada: hi"}
+
+
+def test_retries_with_backoff_then_succeeds(dsn, client):
+    retry = {"max_attempts": 3, "initial_backoff_ms": 50, "max_backoff_ms": 100}
+    client.create_sequence("flaky", [{"id": "s", "handler": "test_flaky",
+                                      "params": {"failures": 2}, "retry": retry}])
+    created = client.start("flaky")
+    run_workers_until(dsn, finished(client, created.id))
+    done = client.get(created.id)
+    assert done.state == State.COMPLETED
+    assert done.outputs["s"] == {"attempt": 3, "calls": 3}
+    assert done.last_error == "RuntimeError: boom 2"
+
+
+def test_exhausted_retries_go_to_the_dead_letter(dsn, client):
+    retry = {"max_attempts": 2, "initial_backoff_ms": 10, "max_backoff_ms": 10}
+    client.create_sequence("doomed", [{"id": "s", "handler": "test_flaky",
+                                       "params": {"failures": 99}, "retry": retry}])
+    created = client.start("doomed")
+    run_workers_until(dsn, finished(client, created.id))
+    done = client.get(created.id)
+    assert done.state == State.FAILED
+    assert done.attempt == 2
+    assert done.last_error == "RuntimeError: boom 2"
+    assert [i.id for i in client.list(state=State.FAILED)] == [created.id]
+    # Retrying from the dead letter runs the step again with a fresh attempt count.
+    client.retry(created.id)
+    assert client.get(created.id).state == State.SCHEDULED
+    assert client.get(created.id).attempt == 0
+
+
+def test_non_retryable_error_fails_at_once(dsn, client):
+    client.create_sequence("fatal", [{"id": "s", "handler": "test_fatal",
+                                      "retry": {"max_attempts": 5, "initial_backoff_ms": 10}}])
+    created = client.start("fatal")
+    run_workers_until(dsn, finished(client, created.id))
+    done = client.get(created.id)
+    assert (done.state, done.attempt, done.last_error) == (State.FAILED, 1, "card declined")
+
+
+@pytest.mark.parametrize("handler, error", [
+    ("no_such_handler", "unknown handler 'no_such_handler'"),
+    ("test_not_a_dict", "handler returned list, not a dict"),
+])
+def test_handler_mistakes_fail_the_instance_not_the_worker(dsn, client, handler, error):
+    client.create_sequence("broken", [{"id": "s", "handler": handler,
+                                       "retry": {"max_attempts": 3, "initial_backoff_ms": 10}}])
+    bad = client.start("broken")
+    client.create_sequence("fine", [{"id": "s", "handler": "noop"}])
+    good = client.start("fine")
+    run_workers_until(dsn, finished(client, bad.id, good.id))
+    assert client.get(bad.id).state == State.FAILED
+    assert client.get(bad.id).last_error == error
+    assert client.get(good.id).state == State.COMPLETED
+
+
+def test_step_timeout_is_a_retryable_failure(dsn, client):
+    client.create_sequence("slow", [{
+        "id": "s", "handler": "sleep", "params": {"ms": 2000}, "timeout_ms": 50,
+        "retry": {"max_attempts": 2, "initial_backoff_ms": 10, "max_backoff_ms": 10}}])
+    created = client.start("slow")
+    run_workers_until(dsn, finished(client, created.id))
+    done = client.get(created.id)
+    assert (done.state, done.attempt) == (State.FAILED, 2)
+    assert done.last_error == "step s timed out after 50 ms"
+
+
+def test_delay_is_durable_and_measured_by_the_database(dsn, client, conn):
+    client.create_sequence("wait", [{"id": "a", "handler": "noop"},
+                                    {"id": "b", "handler": "noop", "delay_ms": 400}])
+    created = client.start("wait")
+    # Run until the instance is parked on its delay, then stop the worker: the wait
+    # survives in the database with no process holding it.
+    run_workers_until(dsn, lambda: conn.execute(
+        "SELECT delay_done FROM instances WHERE id = %s", (created.id,)).fetchone()[0])
+    parked = client.get(created.id)
+    assert parked.state == State.SCHEDULED and parked.step_index == 1
+    run_workers_until(dsn, finished(client, created.id))
+    waited = conn.execute(
+        "SELECT (i.finished_at - o.created_at) >= interval '400 milliseconds' "
+        "FROM instances i JOIN step_outputs o ON o.instance_id = i.id AND o.step_id = 'a' "
+        "WHERE i.id = %s", (created.id,)).fetchone()[0]
+    assert waited is True
+    assert client.get(created.id).state == State.COMPLETED
+
+
+def test_sync_handlers_run_in_threads_and_async_on_the_loop(dsn, client):
+    client.create_sequence("threads", [{"id": "s", "handler": "test_thread_name"}])
+    created = client.start("threads")
+    run_workers_until(dsn, finished(client, created.id))
+    assert client.get(created.id).outputs["s"]["thread"].startswith("orch8-handler")
+
+
+def test_idempotency_key_returns_the_first_instance(client):
+    client.create_sequence("once", [{"id": "s", "handler": "noop"}])
+    first = client.start("once", {"n": 1}, idempotency_key="order-42")
+    second = client.start("once", {"n": 2}, idempotency_key="order-42")
+    assert (second.id, first.deduplicated, second.deduplicated) == (first.id, False, True)
+    assert client.get(first.id).input == {"n": 1}
+    assert len(client.list()) == 1
+
+
+def test_cancel_while_running_fences_the_late_outcome(dsn, client):
+    client.create_sequence("long", [{"id": "s", "handler": "sleep", "params": {"ms": 600}},
+                                    {"id": "t", "handler": "noop"}])
+    created = client.start("long")
+
+    def cancel_once_running():
+        if client.get(created.id).state == State.RUNNING:
+            client.cancel(created.id)
+            return True
+        return False
+
+    workers = run_workers_until(dsn, cancel_once_running)
+    done = client.get(created.id)
+    assert done.state == State.CANCELLED
+    assert done.outputs == {}  # the step finished after the cancel; its outcome was refused
+    assert workers[0].stats.counts["fenced_rejected"] == 1
+    with pytest.raises(Exception, match="cannot cancel an instance that is cancelled"):
+        client.cancel(created.id)
+
+
+def test_graceful_stop_finishes_the_step_in_flight_and_releases_the_rest(dsn, client):
+    client.create_sequence("two", [{"id": "a", "handler": "sleep", "params": {"ms": 300}},
+                                   {"id": "b", "handler": "noop"}])
+    created = client.start("two")
+    run_workers_until(dsn, lambda: client.get(created.id).state == State.RUNNING)
+    after = client.get(created.id)
+    assert after.state == State.SCHEDULED  # released for another node to continue
+    assert after.step_index == 1 and list(after.outputs) == ["a"]
+    assert after.claimed_by is None
+
+
+def test_hurry_cancels_and_releases_in_flight_work(dsn, client):
+    client.create_sequence("stuck", [{"id": "a", "handler": "sleep", "params": {"ms": 30000}}])
+    created = client.start("stuck")
+
+    async def main():
+        stop = asyncio.Event()
+        worker = Worker(FAST, dsn, Owner("n", uuid.uuid4(), 0))
+        task = asyncio.create_task(worker.run(stop))
+        while await asyncio.to_thread(lambda: client.get(created.id).state) != State.RUNNING:
+            await asyncio.sleep(0.02)
+        stop.set()
+        await asyncio.sleep(0.2)
+        worker.hurry()
+        await asyncio.wait_for(task, 5)
+        return worker
+
+    worker = asyncio.run(main())
+    assert client.get(created.id).state == State.SCHEDULED
+    assert worker.stats.counts["released"] == 1
+
+
+def test_enqueue_joins_the_callers_transaction(dsn, client):
+    import psycopg
+
+    from orch8 import enqueue
+
+    client.create_sequence("tx", [{"id": "s", "handler": "noop"}])
+    with psycopg.connect(dsn) as conn:
+        enqueue(conn, "tx", {"order": 1})
+        conn.rollback()
+        kept = enqueue(conn, "tx", {"order": 2})
+        conn.commit()
+    assert [i.id for i in client.list()] == [kept.id]
+
+
+def test_a_notify_wakes_an_idle_worker_before_the_next_tick(dsn, client):
+    client.create_sequence("wake", [{"id": "s", "handler": "noop"}])
+    slow_ticks = Settings(tick_interval_ms=5000, commit_linger_ms=0.0)
+    box = {}
+
+    def start_later():
+        time.sleep(0.5)  # the worker has done its first (empty) claim and sleeps 5 s
+        box["id"] = client.start("wake").id
+        box["at"] = time.monotonic()
+
+    threading.Thread(target=start_later).start()
+    run_workers_until(dsn, lambda: "id" in box and client.get(box["id"]).state == State.COMPLETED,
+                      settings=slow_ticks, timeout_s=4.0)
+    assert time.monotonic() - box["at"] < 4.0
