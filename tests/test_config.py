@@ -1,0 +1,59 @@
+"""Settings from the environment: defaults, parsing, and one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from orch8.config import Settings
+from orch8.database import redact
+from orch8.errors import ConfigError
+
+
+def test_defaults_match_the_documented_ones():
+    settings = Settings.from_environ({})
+    assert (settings.heartbeat_interval_s, settings.stale_threshold_s) == (10.0, 60.0)
+    assert (settings.batch_size, settings.tick_interval_ms) == (50, 100)
+    assert settings.database_url is None and settings.bind == "127.0.0.1:8080"
+
+
+def test_values_are_parsed_with_units():
+    settings = Settings.from_environ({
+        "ORCH8_HEARTBEAT_INTERVAL_SECS": "1", "ORCH8_STALE_THRESHOLD_SECS": "3.5",
+        "ORCH8_BATCH_SIZE": "7", "ORCH8_HANDLERS": "a.b, c", "ORCH8_NODE_ID": "node-1",
+        "ORCH8_INSECURE": "yes"})
+    assert settings.heartbeat_interval_s == 1.0 and settings.stale_threshold_s == 3.5
+    assert settings.batch_size == 7 and settings.handlers == ("a.b", "c")
+    assert settings.node_id == "node-1" and settings.insecure is True
+
+
+@pytest.mark.parametrize("environ, named", [
+    ({"ORCH8_BATCH_SIZ": "5"}, "unknown environment variable ORCH8_BATCH_SIZ"),
+    ({"ORCH8_BATCH_SIZE": "lots"}, "ORCH8_BATCH_SIZE"),
+    ({"ORCH8_BATCH_SIZE": "0"}, "ORCH8_BATCH_SIZE"),
+    ({"ORCH8_TICK_INTERVAL_MS": "-1"}, "ORCH8_TICK_INTERVAL_MS"),
+    ({"ORCH8_HEARTBEAT_INTERVAL_SECS": "nan"}, "ORCH8_HEARTBEAT_INTERVAL_SECS"),
+    ({"ORCH8_HEARTBEAT_INTERVAL_SECS": "10", "ORCH8_STALE_THRESHOLD_SECS": "5"},
+     "ORCH8_STALE_THRESHOLD_SECS"),
+    ({"ORCH8_NODE_ID": "has space"}, "ORCH8_NODE_ID"),
+    ({"ORCH8_INSECURE": "maybe"}, "ORCH8_INSECURE"),
+    ({"ORCH8_LOG_LEVEL": "chatty"}, "ORCH8_LOG_LEVEL"),
+])
+def test_bad_values_name_the_variable(environ, named):
+    with pytest.raises(ConfigError, match=named):
+        Settings.from_environ(environ)
+
+
+def test_secrets_never_show_in_the_settings_repr():
+    settings = Settings.from_environ({"DATABASE_URL": "postgresql://u:hunter2@db/x",
+                                      "ORCH8_API_TOKEN": "s3cret"})
+    assert "hunter2" not in repr(settings) and "s3cret" not in repr(settings)
+
+
+@pytest.mark.parametrize("text", [
+    "postgresql://orch8:hunter2@db.internal:5432/orch8",
+    "host=db user=orch8 password=hunter2 dbname=orch8",
+    "connection failed: host=db password='hunter2' user=x",
+])
+def test_redact_hides_dsn_passwords(text):
+    assert "hunter2" not in redact(text)
+    assert "***" in redact(text)
