@@ -35,6 +35,8 @@ class Settings:
     insecure: bool = False
     # Group commit: how long the step-output writer waits to gather more writes.
     commit_linger_ms: float = 1.0
+    # A worker that sends its supervisor no report for this long is killed and restarted.
+    worker_timeout_s: float = 30.0
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -67,6 +69,7 @@ class Settings:
             ("ORCH8_DRAIN_TIMEOUT_SECS", 0 <= self.drain_timeout_s <= 86_400),
             ("ORCH8_LOG_LEVEL", self.log_level in LOG_LEVELS),
             ("ORCH8_COMMIT_LINGER_MS", 0 <= self.commit_linger_ms <= 1000),
+            ("ORCH8_WORKER_TIMEOUT_SECS", 2 <= self.worker_timeout_s <= 3600),
         ]
         for variable, ok in checks:
             if not ok:
@@ -152,6 +155,7 @@ FIELDS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
     ("ORCH8_API_TOKEN", "api_token", _text),
     ("ORCH8_INSECURE", "insecure", _boolean),
     ("ORCH8_COMMIT_LINGER_MS", "commit_linger_ms", _seconds),
+    ("ORCH8_WORKER_TIMEOUT_SECS", "worker_timeout_s", _seconds),
 )
 
 # Variables read elsewhere (the command-line client, the test suite), not by the node.

@@ -1,0 +1,251 @@
+"""The `cluster_nodes` table: who is alive, judged by the database's clock.
+
+A node registers with a fresh incarnation, heartbeats on its own connection, and removes
+its row when it leaves. Every node sweeps: rows whose heartbeat is older than the
+threshold are marked dead and their claims released (epoch bumped) in one statement, so
+several nodes sweeping at once release each claim exactly once and a frozen node that
+wakes up finds every late write refused by the fence.
+
+Lock order, everywhere: the `cluster_nodes` row first, then `instances` rows. Workers
+only ever lock `instances` rows, so no statement here can deadlock with a claim.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import orjson
+import psycopg
+
+from orch8.store.query import Query, Row
+
+# Gives claims back without touching attempts; the epoch rises so late writes are refused.
+_RELEASE_SET = """
+    state = 'scheduled', claim_epoch = claim_epoch + 1, updated_at = now(),
+    claimed_by = NULL, claim_incarnation = NULL, claimed_slot = NULL
+"""
+
+
+@dataclass(frozen=True)
+class Registration:
+    """The row a node wrote at start-up (or when it came back as a new incarnation)."""
+
+    node_id: str
+    incarnation: uuid.UUID
+    started_at: datetime
+    # Claims left by the previous holder of this node id, released now.
+    released: int
+    # The previous row's state, if the id was registered before ("dead", "active", ...).
+    previous_state: str | None
+
+
+# FOR UPDATE on the previous row: a concurrent sweep of it waits for us (or we for it),
+# so the previous incarnation's claims are released once, here or there.
+REGISTER = f"""
+WITH previous AS (
+    SELECT incarnation, state FROM cluster_nodes WHERE id = %(node_id)s FOR UPDATE
+), released AS (
+    UPDATE instances SET {_RELEASE_SET}
+    WHERE state = 'running' AND claim_incarnation IN (SELECT incarnation FROM previous)
+    RETURNING id
+), registered AS (
+    INSERT INTO cluster_nodes (id, incarnation, hostname, pid, workers, state)
+    VALUES (%(node_id)s, %(incarnation)s, %(hostname)s, %(pid)s, %(workers)s, 'active')
+    ON CONFLICT (id) DO UPDATE
+    SET incarnation = excluded.incarnation, hostname = excluded.hostname,
+        pid = excluded.pid, workers = excluded.workers, state = 'active',
+        started_at = now(), last_heartbeat = now(), drain_requested_at = NULL, stats = '{{}}'
+    RETURNING started_at
+)
+SELECT (SELECT started_at FROM registered) AS started_at,
+       (SELECT count(*) FROM released) AS released,
+       (SELECT state FROM previous) AS previous_state,
+       pg_notify('orch8_work', '')
+"""
+
+
+def register(node_id: str, incarnation: uuid.UUID, hostname: str, pid: int,
+             workers: int) -> Query[Registration]:
+    """Insert (or take over) the node's row as `incarnation`, state `active`."""
+    params = {"node_id": node_id, "incarnation": incarnation, "hostname": hostname,
+              "pid": pid, "workers": workers}
+
+    def read(rows: list[Row]) -> Registration:
+        row = rows[0]
+        return Registration(node_id, incarnation, row["started_at"], int(row["released"]),
+                            row["previous_state"])
+
+    return Query(REGISTER, params, read)
+
+
+@dataclass(frozen=True)
+class Beat:
+    """What one heartbeat learned."""
+
+    # False: the row is gone, dead, or held by another incarnation (see `holder`).
+    alive: bool
+    drain_requested: bool = False
+
+
+# Only our own incarnation's live row: a dead row stays dead (its claims are gone).
+HEARTBEAT = """
+UPDATE cluster_nodes
+SET last_heartbeat = now(), stats = %(stats)s::jsonb,
+    state = CASE WHEN %(draining)s AND state = 'active' THEN 'draining' ELSE state END
+WHERE id = %(node_id)s AND incarnation = %(incarnation)s AND state <> 'dead'
+RETURNING drain_requested_at IS NOT NULL AS drain_requested
+"""
+
+
+def heartbeat(node_id: str, incarnation: uuid.UUID, stats: dict[str, Any],
+              draining: bool) -> Query[Beat]:
+    """Record that the node is alive now; learn whether someone asked it to drain."""
+    params = {"node_id": node_id, "incarnation": incarnation, "draining": draining,
+              "stats": orjson.dumps(stats).decode()}
+
+    def read(rows: list[Row]) -> Beat:
+        return Beat(True, bool(rows[0]["drain_requested"])) if rows else Beat(False)
+
+    return Query(HEARTBEAT, params, read)
+
+
+HOLDER = "SELECT incarnation, state FROM cluster_nodes WHERE id = %(node_id)s"
+
+
+def holder(node_id: str) -> Query[tuple[uuid.UUID, str] | None]:
+    """Who holds the node id now: (incarnation, state), or None when the row is gone."""
+    return Query(HOLDER, {"node_id": node_id},
+                 lambda rows: (rows[0]["incarnation"], rows[0]["state"]) if rows else None)
+
+
+# Any node may call this for any node; the NOTIFY tells the target at once, and its next
+# heartbeat reads drain_requested_at in case the notification was missed.
+REQUEST_DRAIN = """
+WITH target AS (
+    UPDATE cluster_nodes
+    SET drain_requested_at = coalesce(drain_requested_at, now()),
+        state = CASE WHEN state = 'active' THEN 'draining' ELSE state END
+    WHERE id = %(node_id)s
+    RETURNING id
+)
+SELECT id, pg_notify('orch8_drain', id) FROM target
+"""
+
+
+def request_drain(node_id: str) -> Query[bool]:
+    """Ask `node_id` to drain (idempotent); False when no such node is registered."""
+    return Query(REQUEST_DRAIN, {"node_id": node_id}, lambda rows: bool(rows))
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """What one stale sweep did."""
+
+    dead: tuple[str, ...]
+    released: int
+
+
+# One statement: mark stale nodes dead and release their claims, so a claim is never
+# released without its node being dead nor a node dead with its claims still held.
+# Concurrent sweeps serialise on the node rows (the second re-checks `state <> 'dead'`
+# after the first commits and finds nothing) and on the instance rows (re-checked
+# `state = 'running'`). Claims whose incarnation has no live row at all (a node that
+# re-registered or deregistered while a worker still claimed) are released too; the
+# `claimed_at < now()` guard spares claims made after this statement's snapshot.
+SWEEP_STALE = f"""
+WITH stale AS (
+    UPDATE cluster_nodes SET state = 'dead'
+    WHERE state <> 'dead'
+      AND last_heartbeat < now() - %(threshold_s)s * interval '1 second'
+    RETURNING id, incarnation
+), released AS (
+    UPDATE instances i SET {_RELEASE_SET}
+    WHERE i.state = 'running' AND i.claimed_at < now()
+      AND (i.claim_incarnation IN (SELECT incarnation FROM stale)
+           OR NOT EXISTS (SELECT 1 FROM cluster_nodes n
+                          WHERE n.incarnation = i.claim_incarnation AND n.state <> 'dead'))
+    RETURNING i.id
+)
+SELECT (SELECT coalesce(array_agg(id ORDER BY id), '{{}}') FROM stale) AS dead,
+       (SELECT count(*) FROM released) AS released,
+       pg_notify('orch8_work', '')
+"""
+
+
+def sweep_stale(threshold_s: float) -> Query[Sweep]:
+    """Declare nodes silent for `threshold_s` dead and give their claims back."""
+
+    def read(rows: list[Row]) -> Sweep:
+        return Sweep(tuple(rows[0]["dead"]), int(rows[0]["released"]))
+
+    return Query(SWEEP_STALE, {"threshold_s": threshold_s}, read)
+
+
+# Dead rows stay visible in /cluster/nodes for a while, then go.
+FORGET_DEAD = """
+DELETE FROM cluster_nodes
+WHERE state = 'dead' AND last_heartbeat < now() - %(keep_s)s * interval '1 second'
+"""
+
+
+def forget_dead(keep_s: float = 86_400.0) -> Query[None]:
+    """Delete rows of nodes dead for longer than `keep_s`."""
+    return Query(FORGET_DEAD, {"keep_s": keep_s}, lambda rows: None)
+
+
+@dataclass(frozen=True)
+class NodeRow:
+    """One node as /cluster/nodes shows it."""
+
+    id: str
+    hostname: str
+    started_at: datetime
+    last_heartbeat: datetime
+    state: str
+    workers: int
+    instances_claimed: int
+
+
+# instances_claimed counts by incarnation (the partial index on running rows), so a
+# previous life's claims are never counted for the node that replaced it.
+LIST_NODES = """
+SELECT n.id, n.hostname, n.started_at, n.last_heartbeat, n.state, n.workers,
+       (SELECT count(*) FROM instances i
+        WHERE i.state = 'running' AND i.claim_incarnation = n.incarnation) AS instances_claimed
+FROM cluster_nodes n
+ORDER BY n.id
+"""
+
+
+def list_nodes() -> Query[list[NodeRow]]:
+    """Every registered node, dead ones included, by id."""
+    return Query(LIST_NODES, {}, lambda rows: [NodeRow(**row) for row in rows])
+
+
+# Two statements in one transaction, node row first (the lock order above): the row
+# goes, then whatever this incarnation still holds (nothing after a clean drain) goes back.
+DEREGISTER_NODE = """
+DELETE FROM cluster_nodes WHERE id = %(node_id)s AND incarnation = %(incarnation)s
+"""
+RELEASE_INCARNATION = f"""
+WITH released AS (
+    UPDATE instances SET {_RELEASE_SET}
+    WHERE state = 'running' AND claim_incarnation = %(incarnation)s
+    RETURNING id
+)
+SELECT (SELECT count(*) FROM released) AS released, pg_notify('orch8_work', '')
+"""
+
+
+async def deregister(conn: psycopg.AsyncConnection[Any], node_id: str,
+                     incarnation: uuid.UUID) -> int:
+    """Remove the node's row and release its remaining claims; return how many."""
+    params = {"node_id": node_id, "incarnation": incarnation}
+    async with conn.transaction():
+        await conn.execute(DEREGISTER_NODE, params)
+        cursor = await conn.execute(RELEASE_INCARNATION, params)
+        row = await cursor.fetchone()
+    return int(row[0]) if row else 0
