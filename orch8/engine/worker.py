@@ -50,6 +50,10 @@ class Worker:
         self._last_claim_full = False
 
     @property
+    def _refill_at(self) -> int:
+        return max(1, min(self.settings.batch_size, self.settings.max_in_flight) // 2)
+
+    @property
     def free_slots(self) -> int:
         return self.settings.max_in_flight - len(self._running)
 
@@ -110,7 +114,7 @@ class Worker:
             except (psycopg.OperationalError, OSError) as error:
                 log.warning("claim failed (%s); retrying next tick", error)
                 self._last_claim_full = False
-            if self._last_claim_full and self.free_slots > 0:
+            if self._last_claim_full and self.free_slots >= self._refill_at:
                 continue  # a backlog: claim again straight away
             self._wake.clear()
             stop_wait = asyncio.ensure_future(stop.wait())
@@ -127,7 +131,9 @@ class Worker:
             # Only a bug or a lasting database outage gets here; the claim stays with this
             # worker until it is released at stop (or by the supervisor when it exits).
             log.error("instance %s: run ended with %r", instance.id, task.exception())
-        if self._last_claim_full or not self._running:
+        # With a backlog, claim again once half a batch of slots is free: waking for every
+        # single free slot would turn one claim of 50 into 50 claims of 1.
+        if not self._running or (self._last_claim_full and self.free_slots >= self._refill_at):
             self._wake.set()
 
     async def _finish(self, pool: AsyncConnectionPool) -> None:

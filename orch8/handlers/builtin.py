@@ -16,7 +16,7 @@ _PLACEHOLDER = re.compile(r"\{\{\s*(input|steps)((?:\.[A-Za-z0-9_-]+)+)\s*\}\}")
 
 
 @handler("noop")
-def noop(ctx: StepContext, params: dict[str, Any]) -> dict[str, Any]:
+async def noop(ctx: StepContext, params: dict[str, Any]) -> dict[str, Any]:
     """Does nothing; returns its params so tests and demos can see data flow."""
     return dict(params)
 

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import psycopg
 from psycopg.rows import dict_row
 
@@ -106,12 +107,13 @@ class StepDone:
 
 # Group commit: many instances' step outcomes in one statement. The UPDATE is the fence
 # (epoch and state must still match); only rows it updated get their output inserted.
+# The batch travels as one JSON document: encoding it with orjson costs far less than
+# adapting seven parameter arrays element by element.
 FINISH_STEPS = """
 WITH done AS (
-    SELECT * FROM unnest(
-        %(ids)s::uuid[], %(epochs)s::bigint[], %(step_ids)s::text[], %(attempts)s::int[],
-        %(outputs)s::text[], %(next_indexes)s::int[], %(lasts)s::bool[]
-    ) AS d(id, epoch, step_id, attempt, output, next_index, last)
+    SELECT * FROM jsonb_to_recordset(%(batch)s::jsonb) AS d(
+        id uuid, epoch bigint, step_id text, attempt int, output jsonb, next_index int,
+        last bool)
 ), advanced AS (
     UPDATE instances i
     SET step_index = d.next_index, attempt = 0, delay_done = false, updated_at = now(),
@@ -122,7 +124,7 @@ WITH done AS (
     RETURNING i.id
 ), recorded AS (
     INSERT INTO step_outputs (instance_id, step_id, output, attempt)
-    SELECT d.id, d.step_id, d.output::jsonb, d.attempt
+    SELECT d.id, d.step_id, d.output, d.attempt
     FROM done d JOIN advanced a ON a.id = d.id
     ON CONFLICT (instance_id, step_id) DO UPDATE
         SET output = excluded.output, attempt = excluded.attempt, created_at = now()
@@ -135,16 +137,12 @@ async def finish_steps(
     conn: psycopg.AsyncConnection[Any], done: Sequence[StepDone]
 ) -> set[uuid.UUID]:
     """Apply many step successes at once; return the ids whose fence held."""
-    params = {
-        "ids": [d.id for d in done],
-        "epochs": [d.epoch for d in done],
-        "step_ids": [d.step_id for d in done],
-        "attempts": [d.attempt for d in done],
-        "outputs": [d.output_json for d in done],
-        "next_indexes": [d.next_index for d in done],
-        "lasts": [d.last for d in done],
-    }
-    cursor = await conn.execute(FINISH_STEPS, params)
+    batch = orjson.dumps([
+        {"id": str(d.id), "epoch": d.epoch, "step_id": d.step_id, "attempt": d.attempt,
+         "output": orjson.Fragment(d.output_json), "next_index": d.next_index, "last": d.last}
+        for d in done
+    ]).decode()
+    cursor = await conn.execute(FINISH_STEPS, {"batch": batch})
     return {row[0] for row in await cursor.fetchall()}
 
 
