@@ -39,8 +39,12 @@ SELECT id, 'only', '{}'::jsonb, 1 FROM done
 """
 
 
-def engine_process(dsn: str, slot: int, batch: int, ready, stop) -> None:  # type: ignore[no-untyped-def]
-    settings = Settings(batch_size=batch, tick_interval_ms=100, max_in_flight=2 * batch)
+ENGINE_OPTIONS: dict[str, float] = {}
+
+
+def engine_process(dsn: str, slot: int, batch: int, ready, stop, options) -> None:  # type: ignore[no-untyped-def]
+    settings = Settings(batch_size=batch, tick_interval_ms=100, max_in_flight=2 * batch,
+                        **options)
 
     async def main() -> None:
         stopping = asyncio.Event()
@@ -55,7 +59,7 @@ def engine_process(dsn: str, slot: int, batch: int, ready, stop) -> None:  # typ
     asyncio.run(main())
 
 
-def raw_process(dsn: str, slot: int, batch: int, ready, stop) -> None:  # type: ignore[no-untyped-def]
+def raw_process(dsn: str, slot: int, batch: int, ready, stop, options) -> None:  # type: ignore[no-untyped-def]
     async def main() -> None:
         owner = Owner("raw", uuid.UUID(int=2), slot)
         async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
@@ -77,7 +81,7 @@ def one_run(server: str, target, processes: int, count: int, batch: int) -> floa
         _common.park_backlog(dsn, count)
         context = multiprocessing.get_context("spawn")
         ready, stop = context.Semaphore(0), context.Event()
-        children = [context.Process(target=target, args=(dsn, slot, batch, ready, stop))
+        children = [context.Process(target=target, args=(dsn, slot, batch, ready, stop, ENGINE_OPTIONS))
                     for slot in range(processes)]
         for child in children:
             child.start()
@@ -107,10 +111,16 @@ def main() -> None:
     parser.add_argument("--instances", type=int, default=10_000)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--batch", type=int, default=50)
+    parser.add_argument("--linger-ms", type=float, default=Settings.commit_linger_ms,
+                        help="group commit: wait this long to gather outcomes")
+    parser.add_argument("--commit-max-batch", type=int, default=Settings.commit_max_batch,
+                        help="group commit: most outcomes per statement (1 = off)")
     args = parser.parse_args()
+    ENGINE_OPTIONS.update(commit_linger_ms=args.linger_ms, commit_max_batch=args.commit_max_batch)
     server = _common.server_dsn()
     result: dict[str, float | int] = {"instances": args.instances, "batch": args.batch,
-                                      "runs": args.runs}
+                                      "runs": args.runs, "linger_ms": args.linger_ms,
+                                      "commit_max_batch": args.commit_max_batch}
     for processes in (1, 2):
         for name, target in (("engine", engine_process), ("raw", raw_process)):
             rates = [one_run(server, target, processes, args.instances, args.batch)

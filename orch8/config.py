@@ -33,8 +33,11 @@ class Settings:
     log_level: str = "INFO"
     api_token: str | None = None
     insecure: bool = False
-    # Group commit: how long the step-output writer waits to gather more writes.
-    commit_linger_ms: float = 1.0
+    # Group commit: how long the outcome writer waits to gather more (0: it batches
+    # whatever arrived while its previous write was in flight, which measured as fast).
+    commit_linger_ms: float = 0.0
+    # Most step outcomes one group-commit statement carries; 1 turns group commit off.
+    commit_max_batch: int = 500
     # A worker that sends its supervisor no report for this long is killed and restarted.
     worker_timeout_s: float = 30.0
 
@@ -69,6 +72,7 @@ class Settings:
             ("ORCH8_DRAIN_TIMEOUT_SECS", 0 <= self.drain_timeout_s <= 86_400),
             ("ORCH8_LOG_LEVEL", self.log_level in LOG_LEVELS),
             ("ORCH8_COMMIT_LINGER_MS", 0 <= self.commit_linger_ms <= 1000),
+            ("ORCH8_COMMIT_MAX_BATCH", 1 <= self.commit_max_batch <= 10_000),
             ("ORCH8_WORKER_TIMEOUT_SECS", 2 <= self.worker_timeout_s <= 3600),
         ]
         for variable, ok in checks:
@@ -155,6 +159,7 @@ FIELDS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
     ("ORCH8_API_TOKEN", "api_token", _text),
     ("ORCH8_INSECURE", "insecure", _boolean),
     ("ORCH8_COMMIT_LINGER_MS", "commit_linger_ms", _seconds),
+    ("ORCH8_COMMIT_MAX_BATCH", "commit_max_batch", _positive_int),
     ("ORCH8_WORKER_TIMEOUT_SECS", "worker_timeout_s", _seconds),
 )
 

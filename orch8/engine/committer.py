@@ -17,13 +17,12 @@ from orch8.store.claims import StepDone, finish_steps
 
 log = logging.getLogger("orch8.engine.committer")
 
-MAX_BATCH = 500
-
 
 class StepCommitter:
-    def __init__(self, pool: AsyncConnectionPool, linger_s: float) -> None:
+    def __init__(self, pool: AsyncConnectionPool, linger_s: float, max_batch: int = 500) -> None:
         self._pool = pool
         self._linger_s = linger_s
+        self._max_batch = max_batch
         self._pending: list[tuple[StepDone, asyncio.Future[bool]]] = []
         self._arrived = asyncio.Event()
 
@@ -40,7 +39,8 @@ class StepCommitter:
             await self._arrived.wait()
             if self._linger_s:
                 await asyncio.sleep(self._linger_s)
-            batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+            batch = self._pending[:self._max_batch]
+            self._pending = self._pending[self._max_batch:]
             if not self._pending:
                 self._arrived.clear()
             await self._write(batch)

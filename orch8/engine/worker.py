@@ -71,7 +71,8 @@ class Worker:
         await pool.open(wait=True, timeout=30)
         threads = ThreadPoolExecutor(max_workers=min(64, self.settings.max_in_flight),
                                      thread_name_prefix="orch8-handler")
-        committer = StepCommitter(pool, self.settings.commit_linger_ms / 1000)
+        committer = StepCommitter(pool, self.settings.commit_linger_ms / 1000,
+                                  self.settings.commit_max_batch)
         executor = Executor(pool, committer, self._registry, self.stats, threads,
                             lambda: self._draining)
         background = [
