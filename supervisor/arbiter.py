@@ -1,0 +1,323 @@
+"""The supervisor: one per node. It owns the node's identity, heartbeat, signals and HTTP
+API, and keeps `settings.workers` worker processes alive.
+
+Its main loop is a tick (woken early by signals, worker exits and pipe messages) that
+acts on recorded signals, reaps exited workers (releasing their claims at once, fenced),
+kills hung ones, restarts the missing with backoff, and ends when a stop has emptied
+every slot. Signals: see `supervisor.signals`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from enum import StrEnum
+from typing import Any
+
+from psycopg_pool import AsyncConnectionPool
+
+from orch8.api.node import ReportListener, WorkerReport
+from orch8.config import Settings
+from orch8.ids import new_node_id
+from orch8.store.nodes import Registration
+from supervisor import http, reaping
+from supervisor.child import WorkerStart
+from supervisor.heartbeat import Heartbeat
+from supervisor.protocol import BootFailed, Drain, Hurry, ProtocolError, Report, decode
+from supervisor.signals import SignalQueue
+from supervisor.slots import WorkerSlot, worker_context
+
+log = logging.getLogger("orch8.supervisor")
+
+TICK_S = 0.25
+# After the workers' own drain timeout, how long before they are killed outright.
+DRAIN_GRACE_S = 10.0
+STOP_GRACE_S = 10.0
+
+EXIT_OK, EXIT_FAILED, EXIT_BOOT_FAILED = 0, 1, 3
+
+
+class Phase(StrEnum):
+    STARTING = "starting"
+    ACTIVE = "active"
+    DRAINING = "draining"
+    STOPPING = "stopping"
+
+
+class Supervisor:
+    """Implements `orch8.api.node.NodeView` for the HTTP app."""
+
+    def __init__(self, settings: Settings, dsn: str) -> None:
+        self.settings = settings
+        self.node_id = settings.node_id or new_node_id()
+        self.incarnation = uuid.uuid4()
+        self.pool = AsyncConnectionPool(dsn, min_size=1, max_size=4, open=False,
+                                        kwargs={"autocommit": True}, name="orch8-api")
+        self.dsn = dsn
+        self._slots = [WorkerSlot(number) for number in range(1, settings.workers + 1)]
+        self._phase = Phase.STARTING
+        self._phase_since = time.monotonic()
+        self._wake = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self._signals = SignalQueue(self._wake)
+        self._heartbeat = Heartbeat(settings, dsn, self)
+        self._listeners: list[ReportListener] = []
+        self._database_ok = False
+        self._exit_code = EXIT_OK
+        self.failure: str | None = None
+
+    # -- NodeView ---------------------------------------------------------------------
+
+    def state(self) -> str:
+        return "active" if self._phase is Phase.STARTING else self._phase.value
+
+    def is_ready(self) -> bool:
+        return (self._phase is Phase.ACTIVE and self._database_ok
+                and all(slot.alive and slot.booted for slot in self._slots))
+
+    def reports(self) -> list[WorkerReport]:
+        return [slot.latest for slot in self._slots if slot.latest is not None]
+
+    def add_report_listener(self, listener: ReportListener) -> None:
+        self._listeners.append(listener)
+
+    # -- HeartbeatOwner ----------------------------------------------------------------
+
+    def is_draining(self) -> bool:
+        return self._phase in (Phase.DRAINING, Phase.STOPPING)
+
+    def summary(self) -> dict[str, Any]:
+        """Counters of the current worker processes, stored with each heartbeat."""
+        totals: dict[str, Any] = {"in_flight": 0, "workers_alive": 0}
+        for slot in self._slots:
+            if slot.latest is not None and slot.alive:
+                totals["workers_alive"] += 1
+                totals["in_flight"] += slot.latest.in_flight
+                for name, count in slot.latest.counts.items():
+                    totals[name] = totals.get(name, 0) + count
+        return totals
+
+    def on_database(self, reachable: bool) -> None:
+        self._database_ok = reachable
+
+    def on_drain_requested(self) -> None:
+        if self._phase is Phase.ACTIVE:
+            self.begin_drain("a drain was requested through the API")
+
+    def on_new_incarnation(self, registration: Registration) -> None:
+        # Workers of the old incarnation hold claims that are already fenced; stop them
+        # now and let the reaper restart each slot under the new incarnation.
+        log.warning("registered again as incarnation %s; restarting workers",
+                    registration.incarnation)
+        self.incarnation = registration.incarnation
+        for slot in self._slots:
+            slot.send(Hurry())
+
+    def on_taken_over(self, holder: uuid.UUID) -> None:
+        self.fail(f"node id {self.node_id} is now registered by another process "
+                  f"(incarnation {holder}); two nodes must not share ORCH8_NODE_ID")
+
+    # -- life -------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Register, start the workers and the API, supervise until stopped; exit code."""
+        loop = asyncio.get_running_loop()
+        self._signals.install(loop)
+        try:
+            await self._heartbeat.register(self.incarnation)
+            self._database_ok = True
+            await self.pool.open(wait=True, timeout=30)
+            log.info("node %s registered (incarnation %s, %d workers)", self.node_id,
+                     self.incarnation, len(self._slots))
+            self._context = worker_context()
+            tasks = self._start_background()
+            self._set_phase(Phase.ACTIVE)
+            await self._main_loop()
+            await self._leave(tasks)
+        finally:
+            self._signals.uninstall(loop)
+            await self.pool.close()
+        return self._exit_code
+
+    def _start_background(self) -> list[asyncio.Task[None]]:
+        tasks = [
+            asyncio.create_task(self._heartbeat.run(self._stopped), name="heartbeat"),
+            asyncio.create_task(self._heartbeat.listen(self._stopped), name="drain-listener"),
+            asyncio.create_task(http.serve(self, self._stopped), name="http"),
+        ]
+        tasks[-1].add_done_callback(self._on_http_done)
+        return tasks
+
+    def _on_http_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self.fail(f"cannot serve HTTP on {self.settings.bind}: {task.exception()}")
+
+    async def _main_loop(self) -> None:
+        while not self._finished():
+            for number in self._signals.take():
+                self._handle_signal(number.name)
+            await reaping.reap(self, self._slots)
+            self._murder_hung()
+            self._enforce_grace()
+            if self._phase is Phase.ACTIVE:
+                await self._spawn_due()
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), TICK_S)
+            except TimeoutError:
+                pass
+
+    def _finished(self) -> bool:
+        return self._phase in (Phase.DRAINING, Phase.STOPPING) and not any(
+            slot.alive for slot in self._slots)
+
+    async def _leave(self, tasks: list[asyncio.Task[None]]) -> None:
+        """Every worker has exited: deregister, then stop the API and the heartbeat."""
+        try:
+            released = await self._heartbeat.deregister()
+            log.info("node %s deregistered (released %d claims)", self.node_id, released)
+        except Exception as error:  # the sweep of another node will release them
+            log.error("could not deregister (%s); other nodes will sweep this one", error)
+        self._stopped.set()
+        done, pending = await asyncio.wait(tasks, timeout=5)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- signals and stops ------------------------------------------------------------
+
+    def _handle_signal(self, name: str) -> None:
+        log.info("received %s while %s", name, self._phase.value)
+        if self._phase is Phase.STOPPING:
+            self._kill_all(f"{name} during a stop")
+        elif name == "SIGTERM" and self._phase is Phase.ACTIVE:
+            self.begin_drain("SIGTERM")
+        else:
+            self.stop_now(name)
+
+    def begin_drain(self, reason: str) -> None:
+        """Stop claiming, let in-flight steps finish, then leave (graceful)."""
+        log.info("draining (%s): no new claims; waiting for in-flight steps", reason)
+        self._set_phase(Phase.DRAINING)
+        for slot in self._slots:
+            slot.send(Drain())
+        self._heartbeat.wake()  # write state 'draining' now, not at the next beat
+
+    def stop_now(self, reason: str) -> None:
+        """Cancel what runs, release its claims, leave."""
+        log.warning("stopping now (%s)", reason)
+        self._set_phase(Phase.STOPPING)
+        for slot in self._slots:
+            slot.send(Hurry())
+        self._heartbeat.wake()
+
+    def fail(self, message: str, exit_code: int = EXIT_FAILED) -> None:
+        """A condition the node cannot run with: stop now and exit non-zero."""
+        if self.failure is None:
+            log.error("%s", message)
+            self.failure, self._exit_code = message, exit_code
+        if self._phase is not Phase.STOPPING:
+            self.stop_now("fatal error")
+
+    def _set_phase(self, phase: Phase) -> None:
+        self._phase, self._phase_since = phase, time.monotonic()
+        self._wake.set()
+
+    def _kill_all(self, reason: str) -> None:
+        log.warning("killing every worker (%s)", reason)
+        for slot in self._slots:
+            slot.kill()
+
+    def _enforce_grace(self) -> None:
+        waited = time.monotonic() - self._phase_since
+        if self._phase is Phase.DRAINING:
+            if waited > self.settings.drain_timeout_s + DRAIN_GRACE_S:
+                self._kill_all("drain timeout passed")
+        elif self._phase is Phase.STOPPING and waited > STOP_GRACE_S:
+            self._kill_all("workers did not stop in time")
+
+    # -- workers ----------------------------------------------------------------------
+
+    async def _spawn_due(self) -> None:
+        now = time.monotonic()
+        for slot in self._slots:
+            if slot.alive or slot.restart_at > now:
+                continue
+            if slot.pending_release is not None and not await reaping.release(self, slot):
+                continue  # never start a slot while its previous claims are still held
+            self._spawn(slot)
+
+    def _spawn(self, slot: WorkerSlot) -> None:
+        start = WorkerStart(self.settings, self.dsn, self.node_id, self.incarnation,
+                            slot.number, supervisor_pid=_own_pid())
+        slot.spawn(self._context, start)
+        loop = asyncio.get_running_loop()
+        assert slot.process is not None and slot.pipe is not None
+        loop.add_reader(slot.process.sentinel, self._wake.set)
+        loop.add_reader(slot.pipe.fileno(), self._on_pipe, slot)
+
+    def forget_fds(self, slot: WorkerSlot) -> None:
+        """Stop watching a slot's process and pipe (before reaping it)."""
+        loop = asyncio.get_running_loop()
+        if slot.process is not None:
+            loop.remove_reader(slot.process.sentinel)
+        if slot.pipe is not None:
+            loop.remove_reader(slot.pipe.fileno())
+
+    def _on_pipe(self, slot: WorkerSlot) -> None:
+        assert slot.pipe is not None
+        try:
+            message = decode(slot.pipe.recv_bytes())
+        except (EOFError, OSError):
+            # The worker is exiting; its sentinel fires next and the reaper takes over.
+            asyncio.get_running_loop().remove_reader(slot.pipe.fileno())
+            self._wake.set()
+            return
+        except ProtocolError as error:
+            log.error("worker %d: %s", slot.number, error)
+            return
+        slot.last_heard_at = time.monotonic()
+        if isinstance(message, Report):
+            self._on_report(slot, message)
+        elif isinstance(message, BootFailed):
+            self.fail(f"worker {slot.number} failed at boot: {message.message}",
+                      EXIT_BOOT_FAILED)
+
+    def _on_report(self, slot: WorkerSlot, message: Report) -> None:
+        slot.booted = True
+        report = WorkerReport(slot.number, message.pid, True, message.counts,
+                              message.in_flight, message.step_seconds,
+                              message.claim_lateness_seconds)
+        slot.latest = report
+        for listener in self._listeners:
+            _call_listener(listener, report)
+
+    def _murder_hung(self) -> None:
+        now = time.monotonic()
+        for slot in self._slots:
+            silent = now - slot.last_heard_at
+            if slot.alive and silent > self.settings.worker_timeout_s:
+                log.error("worker %d (pid %s) sent nothing for %.0fs; killing it",
+                          slot.number, slot.process.pid if slot.process else "?", silent)
+                slot.kill()
+                slot.last_heard_at = now  # one kill per timeout, not one per tick
+
+    @property
+    def phase(self) -> Phase:
+        return self._phase
+
+
+def _call_listener(listener: Callable[[WorkerReport], None], report: WorkerReport) -> None:
+    try:
+        listener(report)
+    except Exception:  # a metrics bug must not take the supervisor down
+        log.exception("report listener failed")
+
+
+def _own_pid() -> int:
+    import os
+
+    return os.getpid()

@@ -1,0 +1,164 @@
+"""The node's heartbeat, stale sweep and drain listener, each on a connection of its own.
+
+The heartbeat never shares a connection with the API or the workers, so a busy pool can
+never starve it into looking dead. Each beat, by the database's clock:
+
+1. update our row (only while it is our incarnation and not dead);
+2. if that found no row, learn why: declared dead (or removed) by another node's sweep
+   means our claims were already released and fenced, so we register again as a new
+   incarnation and the supervisor restarts its workers under it; another live
+   incarnation holding our id means a second process was started with the same
+   ORCH8_NODE_ID, and we stop rather than fight it for the row;
+3. sweep: declare silent nodes dead and release their claims (every node does this; the
+   statement is safe to run concurrently, so no leader is needed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import uuid
+from typing import Any, Protocol
+
+import psycopg
+
+from orch8.config import Settings
+from orch8.store import nodes
+from orch8.store.nodes import Registration
+
+log = logging.getLogger("orch8.supervisor.heartbeat")
+
+CONNECT_TIMEOUT_S = 5
+DRAIN_CHANNEL = "orch8_drain"
+# Dead rows stay listed this long so an operator can see what died.
+KEEP_DEAD_S = 3600.0
+
+
+class HeartbeatOwner(Protocol):
+    """What the heartbeat needs of the supervisor."""
+
+    node_id: str
+    incarnation: uuid.UUID
+
+    def is_draining(self) -> bool: ...
+    def summary(self) -> dict[str, Any]: ...
+    def on_database(self, reachable: bool) -> None: ...
+    def on_drain_requested(self) -> None: ...
+    def on_new_incarnation(self, registration: Registration) -> None: ...
+    def on_taken_over(self, holder: uuid.UUID) -> None: ...
+
+
+class Heartbeat:
+    def __init__(self, settings: Settings, dsn: str, owner: HeartbeatOwner) -> None:
+        self._settings = settings
+        self._dsn = dsn
+        self._owner = owner
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        """Beat now rather than at the end of the interval (a drain began)."""
+        self._wake.set()
+
+    async def register(self, incarnation: uuid.UUID) -> Registration:
+        """Register the node as `incarnation` (at start-up, or after being declared dead)."""
+        conn = await self._connection()
+        registration = await nodes.register(
+            self._owner.node_id, incarnation, socket.gethostname(), os.getpid(),
+            self._settings.workers).run_async(conn)
+        if registration.released:
+            log.warning("released %d claims left by this node id's previous incarnation",
+                        registration.released)
+        return registration
+
+    async def deregister(self) -> int:
+        """Remove our row and release what our incarnation still holds."""
+        conn = await self._connection()
+        return await nodes.deregister(conn, self._owner.node_id, self._owner.incarnation)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Beat every interval (sooner when woken) until `stop` is set."""
+        interval = self._settings.heartbeat_interval_s
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(self.run_once(), timeout=max(5.0, interval))
+                self._owner.on_database(True)
+            except (psycopg.Error, OSError, TimeoutError) as error:
+                log.warning("heartbeat failed (%s); retrying", error)
+                self._owner.on_database(False)
+                await self._drop_connection()
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(_first(stop, self._wake), timeout=interval)
+            except TimeoutError:
+                pass
+        await self._drop_connection()
+
+    async def run_once(self) -> None:
+        """One beat and one sweep."""
+        conn = await self._connection()
+        owner = self._owner
+        beat = await nodes.heartbeat(owner.node_id, owner.incarnation, owner.summary(),
+                                     owner.is_draining()).run_async(conn)
+        if not beat.alive and not await self._recover(conn):
+            return
+        if beat.drain_requested:
+            owner.on_drain_requested()
+        sweep = await nodes.sweep_stale(self._settings.stale_threshold_s).run_async(conn)
+        if sweep.dead or sweep.released:
+            log.warning("declared dead: %s; released %d claims",
+                        ", ".join(sweep.dead) or "(no node)", sweep.released)
+        await nodes.forget_dead(KEEP_DEAD_S).run_async(conn)
+
+    async def _recover(self, conn: psycopg.AsyncConnection[Any]) -> bool:
+        """Our row is not ours any more; return whether we carry on (re-registered)."""
+        holder = await nodes.holder(self._owner.node_id).run_async(conn)
+        if holder is not None and holder[1] != "dead":
+            self._owner.on_taken_over(holder[0])
+            return False
+        log.error("node %s was declared dead by the cluster (missed heartbeats); its claims "
+                  "were released. Registering again as a new incarnation.", self._owner.node_id)
+        registration = await self.register(uuid.uuid4())
+        self._owner.on_new_incarnation(registration)
+        return True
+
+    async def listen(self, stop: asyncio.Event) -> None:
+        """Wake the heartbeat when a drain request for this node is NOTIFYed."""
+        while not stop.is_set():
+            try:
+                async with await psycopg.AsyncConnection.connect(
+                        self._dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S) as conn:
+                    await conn.execute(f"LISTEN {DRAIN_CHANNEL}")
+                    async for notify in conn.notifies():
+                        if notify.payload == self._owner.node_id:
+                            self.wake()
+            except (psycopg.Error, OSError) as error:
+                log.debug("drain listener lost its connection (%s)", error)
+                await asyncio.sleep(1.0)
+
+    async def _connection(self) -> psycopg.AsyncConnection[Any]:
+        if self._conn is None or self._conn.closed:
+            self._conn = await psycopg.AsyncConnection.connect(
+                self._dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
+                application_name=f"orch8 heartbeat {self._owner.node_id}")
+        return self._conn
+
+    async def _drop_connection(self) -> None:
+        if self._conn is not None:
+            try:
+                await self._conn.close()
+            except (psycopg.Error, OSError):
+                pass
+            self._conn = None
+
+
+async def _first(*events: asyncio.Event) -> None:
+    """Return when any of `events` is set."""
+    waits = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()

