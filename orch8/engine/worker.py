@@ -48,6 +48,8 @@ class Worker:
         self._hurry = asyncio.Event()
         self._draining = False
         self._last_claim_full = False
+        # Claims whose run ended in an error (a long database outage): given back next tick.
+        self._orphans: list[Claimed] = []
 
     @property
     def _refill_at(self) -> int:
@@ -91,6 +93,8 @@ class Worker:
 
     async def run_once(self, pool: AsyncConnectionPool, executor: Executor) -> int:
         """One claim: take what is due (up to the free slots) and start it; return how many."""
+        if self._orphans:
+            await self._release_orphans(pool)
         limit = min(self.settings.batch_size, self.free_slots)
         if limit <= 0 or self._draining:
             return 0
@@ -129,13 +133,22 @@ class Worker:
         instance = self._running.pop(task)
         self.stats.in_flight = len(self._running)
         if not task.cancelled() and task.exception() is not None:
-            # Only a bug or a lasting database outage gets here; the claim stays with this
-            # worker until it is released at stop (or by the supervisor when it exits).
+            # Only a bug or a lasting database outage gets here. The claim must not stay
+            # with a live worker forever: release it (fenced) on the next tick.
             log.error("instance %s: run ended with %r", instance.id, task.exception())
+            self._orphans.append(instance)
         # With a backlog, claim again once half a batch of slots is free: waking for every
         # single free slot would turn one claim of 50 into 50 claims of 1.
         if not self._running or (self._last_claim_full and self.free_slots >= self._refill_at):
             self._wake.set()
+
+    async def _release_orphans(self, pool: AsyncConnectionPool) -> None:
+        orphans, self._orphans = self._orphans, []
+        try:
+            async with pool.connection() as conn:
+                self.stats.add("released", await claims.release_unstarted(conn, orphans))
+        except (psycopg.OperationalError, OSError):
+            self._orphans = orphans + self._orphans  # still unreachable: next tick
 
     async def _finish(self, pool: AsyncConnectionPool) -> None:
         """Graceful stop: let in-flight steps end, then release whatever is left."""
@@ -153,9 +166,10 @@ class Worker:
         for task in left:
             task.cancel()
         await asyncio.gather(*left, return_exceptions=True)
-        if left:
+        unfinished = list(left.values()) + self._orphans
+        if unfinished:
             async with pool.connection() as conn:
-                released = await claims.release_unstarted(conn, list(left.values()))
+                released = await claims.release_unstarted(conn, unfinished)
             self.stats.add("released", released)
             log.info("stopping: released %d unfinished instances", released)
 
