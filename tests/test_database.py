@@ -1,0 +1,48 @@
+"""The embedded default: started when DATABASE_URL is unset, shared by a second process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+SCRIPT = """
+import sys, time, psycopg
+from orch8.database import resolve_dsn
+dsn = resolve_dsn(None, sys.argv[1])
+with psycopg.connect(dsn) as conn:
+    pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+print(open(sys.argv[1] + "/postmaster.pid").readline().strip(), flush=True)
+sys.stdin.read()  # hold the server until the test closes our stdin
+"""
+
+
+def start_user(data_dir: Path) -> tuple[subprocess.Popen[str], int]:
+    process = subprocess.Popen([sys.executable, "-c", SCRIPT, str(data_dir)],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    line = process.stdout.readline() if process.stdout else ""
+    assert line.strip().isdigit(), f"no server pid printed: {line!r}"
+    return process, int(line)
+
+
+def test_second_process_reuses_the_embedded_server_and_the_last_one_stops_it(tmp_path):
+    data_dir = tmp_path / "postgres"
+    first, server_pid = start_user(data_dir)
+    second, reused_pid = start_user(data_dir)
+    try:
+        assert reused_pid == server_pid
+        assert psutil.pid_exists(server_pid)
+        first.communicate("", timeout=30)
+        assert psutil.pid_exists(server_pid), "stopped while another process still used it"
+        second.communicate("", timeout=30)
+        deadline = time.monotonic() + 15
+        while psutil.pid_exists(server_pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not psutil.pid_exists(server_pid) or psutil.Process(server_pid).status() == "zombie"
+    finally:
+        for process in (first, second):
+            if process.poll() is None:
+                process.kill()
