@@ -81,7 +81,8 @@ def one_run(server: str, target, processes: int, count: int, batch: int) -> floa
         _common.park_backlog(dsn, count)
         context = multiprocessing.get_context("spawn")
         ready, stop = context.Semaphore(0), context.Event()
-        children = [context.Process(target=target, args=(dsn, slot, batch, ready, stop, ENGINE_OPTIONS))
+        children = [context.Process(target=target,
+                                    args=(dsn, slot, batch, ready, stop, ENGINE_OPTIONS))
                     for slot in range(processes)]
         for child in children:
             child.start()

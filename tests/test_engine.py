@@ -32,7 +32,8 @@ def test_steps_run_in_order_and_see_earlier_outputs(dsn, client):
     client.create_sequence("ctx", [
         {"id": "first", "handler": "noop", "params": {"greeting": "hi"}},
         {"id": "second", "handler": "test_context"},
-        {"id": "third", "handler": "log", "params": {"message": "{{ input.who }}: {{ steps.first.greeting }}"}},
+        {"id": "third", "handler": "log",
+         "params": {"message": "{{ input.who }}: {{ steps.first.greeting }}"}},
     ])
     created = client.start("ctx", {"who": "ada"})
     run_workers_until(dsn, finished(client, created.id))

@@ -27,7 +27,8 @@ def test_migrate_from_empty_then_nothing_to_do(empty_dsn):
     assert migrate(empty_dsn) == files
     assert migrate(empty_dsn) == []
     with psycopg.connect(empty_dsn) as conn:
-        recorded = [row[0] for row in conn.execute("SELECT name FROM schema_migrations ORDER BY version")]
+        recorded = [row[0] for row in conn.execute(
+            "SELECT name FROM schema_migrations ORDER BY version")]
         tables = {row[0] for row in conn.execute(
             "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
     assert recorded == files

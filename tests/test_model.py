@@ -24,7 +24,8 @@ from orch8.requests import parse_new_instance
     ([{"id": "a", "handler": "noop", "retry": {"max_attempts": 0}}], "steps[0].retry.max_attempts"),
     ([{"id": "a", "handler": "noop", "retry": {"multiplier": 0.5}}], "steps[0].retry.multiplier"),
     ([{"id": "a", "handler": "noop",
-       "retry": {"initial_backoff_ms": 500, "max_backoff_ms": 100}}], "steps[0].retry.max_backoff_ms"),
+       "retry": {"initial_backoff_ms": 500, "max_backoff_ms": 100}}],
+     "steps[0].retry.max_backoff_ms"),
 ])
 def test_invalid_steps_name_the_offending_field(steps, field):
     with pytest.raises(DefinitionError) as raised:

@@ -140,7 +140,9 @@ class Executor:
                         done.id, done.step_id)
         return applied
 
-    async def _fenced(self, counter: str, write: Callable[..., Awaitable[bool]], *args: Any) -> None:
+    async def _fenced(
+        self, counter: str, write: Callable[..., Awaitable[bool]], *args: Any
+    ) -> None:
         applied = await self._with_connection(write, *args)
         if applied:
             self._stats.add(counter)

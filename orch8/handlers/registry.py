@@ -57,7 +57,9 @@ class Registry:
 default_registry = Registry()
 
 
-def handler(name: str, registry: Registry | None = None) -> Callable[[HandlerFunction], HandlerFunction]:
+def handler(
+    name: str, registry: Registry | None = None
+) -> Callable[[HandlerFunction], HandlerFunction]:
     """Decorator: `@orch8.handler("send_email")` registers the function under that name."""
 
     def register(function: HandlerFunction) -> HandlerFunction:

@@ -6,11 +6,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import orjson
+
 from orch8.errors import NotFound
 from orch8.model import Step, steps_from_json
 from orch8.store.query import Query, Row
-
-import orjson
 
 
 @dataclass(frozen=True)
