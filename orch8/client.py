@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg_pool import ConnectionPool
@@ -19,9 +19,11 @@ from orch8.model import TERMINAL_STATES, State, parse_name, parse_steps
 from orch8.requests import parse_new_instance
 from orch8.store import instances, sequences
 from orch8.store.instances import Created, Instance, NewInstance
+from orch8.store.query import Query
 from orch8.store.sequences import Sequence
 
 MAX_BATCH = 10_000
+T = TypeVar("T")
 
 
 class Client:
@@ -42,7 +44,7 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _run(self, query: instances.Query[Any]) -> Any:
+    def _run(self, query: Query[T]) -> T:
         with self._pool.connection() as conn:
             return query.run(conn)
 

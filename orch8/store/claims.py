@@ -174,7 +174,7 @@ WHERE {FENCE}
 
 
 async def _fenced(conn: psycopg.AsyncConnection[Any], sql: str, params: dict[str, Any]) -> bool:
-    cursor = await conn.execute(sql, params)  # type: ignore[arg-type]
+    cursor = await conn.execute(sql, params)
     return cursor.rowcount == 1
 
 

@@ -25,7 +25,7 @@ class Query(Generic[T]):
         """Run on a synchronous connection (inside the caller's transaction, if any)."""
         try:
             with conn.cursor(row_factory=dict_row) as cursor:
-                cursor.execute(self.sql, self.params)  # type: ignore[arg-type]
+                cursor.execute(self.sql, self.params)
                 rows = cursor.fetchall() if cursor.description else []
         except psycopg.errors.IntegrityError as error:
             raise _translate(error) from None
@@ -35,7 +35,7 @@ class Query(Generic[T]):
         """Run on an asynchronous connection."""
         try:
             async with conn.cursor(row_factory=dict_row) as cursor:
-                await cursor.execute(self.sql, self.params)  # type: ignore[arg-type]
+                await cursor.execute(self.sql, self.params)
                 rows = await cursor.fetchall() if cursor.description else []
         except psycopg.errors.IntegrityError as error:
             raise _translate(error) from None
