@@ -1,28 +1,31 @@
-"""A running node for API, metrics and command-line tests, reached over real HTTP."""
+"""A running `orch8-supervisor` for API, metrics and command-line tests, reached over HTTP.
+
+Each test module gets its own database and node (starting a node takes a second or two);
+tests in a module keep out of each other's way with names of their own.
+"""
 
 from __future__ import annotations
 
-import asyncio
+import os
+import signal
 import socket
-import threading
+import subprocess
+import sys
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
-from hypercorn.asyncio import serve
-from hypercorn.config import Config
-from psycopg_pool import AsyncConnectionPool
-from starlette.applications import Starlette
-from starlette.middleware import Middleware
+import psycopg
+from psycopg.conninfo import make_conninfo
 
-from orch8.api.auth import BearerAuth
-from orch8.api.errors import exception_handlers
-from orch8.api.node import ReportListener, WorkerReport
-from orch8.api.workflows import routes
-from orch8.config import Settings
+SUPERVISOR = str(Path(sys.executable).with_name("orch8-supervisor"))
+CLI = str(Path(sys.executable).with_name("orch8"))
+TERMINAL = ("completed", "failed", "cancelled")
 
 
 def free_port() -> int:
@@ -31,83 +34,113 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-@dataclass(frozen=True)
-class Served:
+def clean_environ(**extra: str) -> dict[str, str]:
+    """This process's environment without any ORCH8_* or DATABASE_URL, plus `extra`."""
+    kept = {key: value for key, value in os.environ.items()
+            if not key.startswith("ORCH8_") and key != "DATABASE_URL"}
+    return kept | extra
+
+
+@contextmanager
+def database(server_dsn: str, template_name: str) -> Iterator[str]:
+    """A migrated database of its own (for a module's node), dropped afterwards."""
+    name = f"orch8_api_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server_dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_name}"')
+    try:
+        yield make_conninfo(server_dsn, dbname=name)
+    finally:
+        with psycopg.connect(server_dsn, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@dataclass
+class Node:
+    """A supervisor subprocess and how to reach it."""
+
+    process: subprocess.Popen[bytes]
     url: str
     token: str | None
+    node_id: str
+    log: Path
+    environ: dict[str, str] = field(repr=False, default_factory=dict)
 
     def client(self, token: str | None = None) -> httpx.Client:
         chosen = self.token if token is None else token
         headers = {"Authorization": f"Bearer {chosen}"} if chosen else {}
         return httpx.Client(base_url=self.url, headers=headers, timeout=30)
 
+    @property
+    def dsn(self) -> str:
+        return self.environ["DATABASE_URL"]
 
-class PoolNode:
-    """A node view with a real pool and no workers (until the supervisor serves tests)."""
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
 
-    def __init__(self, pool: AsyncConnectionPool, settings: Settings) -> None:
-        self.node_id = "api-test-node"
-        self.settings = settings
-        self.pool = pool
-        self.latest: dict[int, WorkerReport] = {}
-        self.listeners: list[ReportListener] = []
 
-    def state(self) -> str:
-        return "active"
-
-    def is_ready(self) -> bool:
-        return True
-
-    def reports(self) -> list[WorkerReport]:
-        return list(self.latest.values())
-
-    def add_report_listener(self, listener: ReportListener) -> None:
-        self.listeners.append(listener)
+def node_environ(dsn: str, port: int, node_id: str, **settings: str) -> dict[str, str]:
+    defaults = {
+        "DATABASE_URL": dsn, "ORCH8_BIND": f"127.0.0.1:{port}", "ORCH8_NODE_ID": node_id,
+        "ORCH8_WORKERS": "1", "ORCH8_HEARTBEAT_INTERVAL_SECS": "0.5",
+        "ORCH8_STALE_THRESHOLD_SECS": "5", "ORCH8_TICK_INTERVAL_MS": "50",
+        "ORCH8_DRAIN_TIMEOUT_SECS": "10",
+    }
+    return clean_environ(**(defaults | settings))
 
 
 @contextmanager
-def serve_in_thread(dsn: str, token: str | None = None) -> Iterator[Served]:
+def running_node(dsn: str, log_dir: Path, token: str | None = None,
+                 **settings: str) -> Iterator[Node]:
+    """Start `orch8-supervisor`, wait until /health/ready, stop it (TERM, then KILL)."""
     port = free_port()
-    stop: dict[str, Any] = {}
-    started = threading.Event()
-
-    async def main() -> None:
-        async with AsyncConnectionPool(dsn, min_size=1, max_size=4, open=False,
-                                       kwargs={"autocommit": True}) as pool:
-            node = PoolNode(pool, Settings(api_token=token))
-            app = Starlette(routes=routes(node), exception_handlers=exception_handlers(),
-                            middleware=[Middleware(BearerAuth, token=token)])
-            config = Config()
-            config.bind = [f"127.0.0.1:{port}"]
-            config.accesslog = None
-            event = asyncio.Event()
-            stop.update(event=event, loop=asyncio.get_running_loop())
-            started.set()
-            await serve(app, config, shutdown_trigger=event.wait)  # type: ignore[arg-type]
-
-    thread = threading.Thread(target=lambda: asyncio.run(main()), daemon=True)
-    thread.start()
-    started.wait(30)
-    served = Served(f"http://127.0.0.1:{port}", token)
-    _wait_until_up(served)
+    node_id = f"api-{uuid.uuid4().hex[:8]}"
+    extra = {"ORCH8_API_TOKEN": token} if token else {}
+    environ = node_environ(dsn, port, node_id, **(settings | extra))
+    log = log_dir / f"{node_id}.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen([SUPERVISOR], env=environ, stdout=sink,
+                                   stderr=subprocess.STDOUT, cwd=log_dir)
+    node = Node(process, f"http://127.0.0.1:{port}", token, node_id, log, environ)
     try:
-        yield served
+        wait_ready(node)
+        yield node
     finally:
-        stop["loop"].call_soon_threadsafe(stop["event"].set)
-        thread.join(30)
+        stop(process)
 
 
-def _wait_until_up(served: Served, timeout_s: float = 30.0) -> None:
+def wait_ready(node: Node, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if node.process.poll() is not None:
+            raise AssertionError(f"supervisor exited {node.process.returncode}:\n"
+                                 f"{node.output()}")
+        try:
+            if httpx.get(node.url + "/health/ready", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"supervisor not ready:\n{node.output()}")
+
+
+def stop(process: subprocess.Popen[Any], timeout_s: float = 20.0) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def wait_for(client: httpx.Client, instance_id: str, states: tuple[str, ...] = TERMINAL,
+             timeout_s: float = 30.0) -> dict[str, Any]:
+    """Poll the API until the instance is in one of `states`."""
     deadline = time.monotonic() + timeout_s
     while True:
-        try:
-            httpx.get(served.url + "/openapi.json", timeout=1)
-            return
-        except httpx.TransportError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-
-
-# Until a test needs the workers, an in-process server is enough for the endpoints.
-serve_node = serve_in_thread
+        instance: dict[str, Any] = client.get(f"/instances/{instance_id}").json()
+        if instance["state"] in states:
+            return instance
+        if time.monotonic() > deadline:
+            raise AssertionError(f"instance still {instance['state']}: {instance}")
+        time.sleep(0.05)

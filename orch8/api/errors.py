@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import orjson
+import psycopg
+from psycopg_pool import PoolTimeout
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
@@ -94,6 +96,13 @@ async def _unexpected(request: Request, error: Exception) -> Response:
     return error_response(500, "internal error; see the node's log")
 
 
+async def _database_unavailable(request: Request, error: Exception) -> Response:
+    # The database is the node's only shared state: without it, ask the caller to retry.
+    log.warning("database unavailable for %s %s: %s", request.method, request.url.path,
+                redact(str(error)))
+    return error_response(503, "the database is unreachable; try again shortly")
+
+
 async def _config_error(request: Request, error: Exception) -> Response:
     return error_response(503, "the node is misconfigured; see its log")
 
@@ -106,6 +115,8 @@ def exception_handlers() -> dict[Any, Any]:
         NotFound: _not_found,
         Conflict: _conflict,
         ConfigError: _config_error,
+        psycopg.OperationalError: _database_unavailable,
+        PoolTimeout: _database_unavailable,
         HTTPException: _http_exception,
         Exception: _unexpected,
     }

@@ -152,10 +152,12 @@ def _state(raw: str | None) -> State | None:
 
 
 def routes(node: NodeView) -> list[BaseRoute]:
-    """The workflow routes, for the node's app factory."""
+    """The workflow routes and `/openapi.json`, for the node's app factory.
+
+    `/metrics` is added by the factory itself (`orch8.metrics.metrics_route`).
+    """
     endpoints = Workflows(node)
     from orch8.api import openapi
-    from orch8.metrics import metrics_route
 
     return [
         Route("/sequences", endpoints.create_sequence, methods=["POST"]),
@@ -171,6 +173,5 @@ def routes(node: NodeView) -> list[BaseRoute]:
         Route("/instances/{id:uuid}/cancel", endpoints.cancel_instance, methods=["POST"]),
         Route("/instances/{id:uuid}/retry", endpoints.retry_instance, methods=["POST"]),
         Route("/queue", endpoints.queue, methods=["GET"]),
-        metrics_route(node),
         openapi.route(),
     ]
