@@ -89,12 +89,15 @@ def node_environ(dsn: str, port: int, node_id: str, **settings: str) -> dict[str
 
 
 @contextmanager
-def running_node(dsn: str, log_dir: Path, token: str | None = None,
+def running_node(dsn: str, log_dir: Path, token: str | None = None, host: str = "127.0.0.1",
                  **settings: str) -> Iterator[Node]:
-    """Start `orch8-supervisor`, wait until /health/ready, stop it (TERM, then KILL)."""
+    """Start `orch8-supervisor` on `host`, wait until /health/ready, stop it (TERM, KILL).
+
+    The tests reach it on 127.0.0.1 whatever `host` it binds.
+    """
     port = free_port()
     node_id = f"api-{uuid.uuid4().hex[:8]}"
-    extra = {"ORCH8_API_TOKEN": token} if token else {}
+    extra = {"ORCH8_BIND": f"{host}:{port}"} | ({"ORCH8_API_TOKEN": token} if token else {})
     environ = node_environ(dsn, port, node_id, **(settings | extra))
     log = log_dir / f"{node_id}.log"
     with log.open("wb") as sink:
