@@ -66,8 +66,8 @@ class Heartbeat:
         """Register the node as `incarnation` (at start-up, or after being declared dead)."""
         conn = await self._connection()
         registration = await nodes.register(
-            self._owner.node_id, incarnation, socket.gethostname(), os.getpid(),
-            self._settings.workers).run_async(conn)
+            conn, self._owner.node_id, incarnation, socket.gethostname(), os.getpid(),
+            self._settings.workers)
         if registration.released:
             log.warning("released %d claims left by this node id's previous incarnation",
                         registration.released)

@@ -42,43 +42,50 @@ class Registration:
     previous_state: str | None
 
 
-# FOR UPDATE on the previous row: a concurrent sweep of it waits for us (or we for it),
-# so the previous incarnation's claims are released once, here or there.
-REGISTER = f"""
-WITH previous AS (
-    SELECT incarnation, state FROM cluster_nodes WHERE id = %(node_id)s FOR UPDATE
-), released AS (
+# Three statements in one transaction, in the lock order above. FOR UPDATE on the
+# previous row makes a concurrent sweep of it wait for us (or us for it), so its claims
+# are released once, here or there.
+LOCK_PREVIOUS = """
+SELECT incarnation, state FROM cluster_nodes WHERE id = %(node_id)s FOR UPDATE
+"""
+RELEASE_PREVIOUS = f"""
+WITH released AS (
     UPDATE instances SET {_RELEASE_SET}
-    WHERE state = 'running' AND claim_incarnation IN (SELECT incarnation FROM previous)
+    WHERE state = 'running' AND claim_incarnation = %(previous)s
     RETURNING id
-), registered AS (
-    INSERT INTO cluster_nodes (id, incarnation, hostname, pid, workers, state)
-    VALUES (%(node_id)s, %(incarnation)s, %(hostname)s, %(pid)s, %(workers)s, 'active')
-    ON CONFLICT (id) DO UPDATE
-    SET incarnation = excluded.incarnation, hostname = excluded.hostname,
-        pid = excluded.pid, workers = excluded.workers, state = 'active',
-        started_at = now(), last_heartbeat = now(), drain_requested_at = NULL, stats = '{{}}'
-    RETURNING started_at
 )
-SELECT (SELECT started_at FROM registered) AS started_at,
-       (SELECT count(*) FROM released) AS released,
-       (SELECT state FROM previous) AS previous_state,
-       pg_notify('orch8_work', '')
+SELECT (SELECT count(*) FROM released) AS released, pg_notify('orch8_work', '')
+"""
+UPSERT = """
+INSERT INTO cluster_nodes (id, incarnation, hostname, pid, workers, state)
+VALUES (%(node_id)s, %(incarnation)s, %(hostname)s, %(pid)s, %(workers)s, 'active')
+ON CONFLICT (id) DO UPDATE
+SET incarnation = excluded.incarnation, hostname = excluded.hostname, pid = excluded.pid,
+    workers = excluded.workers, state = 'active', started_at = now(),
+    last_heartbeat = now(), drain_requested_at = NULL, stats = '{}'
+RETURNING started_at
 """
 
 
-def register(node_id: str, incarnation: uuid.UUID, hostname: str, pid: int,
-             workers: int) -> Query[Registration]:
-    """Insert (or take over) the node's row as `incarnation`, state `active`."""
+async def register(conn: psycopg.AsyncConnection[Any], node_id: str, incarnation: uuid.UUID,
+                   hostname: str, pid: int, workers: int) -> Registration:
+    """Insert (or take over) the node's row as `incarnation`, state `active`.
+
+    A previous holder of the id (this node's former life) has its claims released with
+    the epoch bumped, so nothing it still runs can write.
+    """
     params = {"node_id": node_id, "incarnation": incarnation, "hostname": hostname,
               "pid": pid, "workers": workers}
-
-    def read(rows: list[Row]) -> Registration:
-        row = rows[0]
-        return Registration(node_id, incarnation, row["started_at"], int(row["released"]),
-                            row["previous_state"])
-
-    return Query(REGISTER, params, read)
+    released, previous_state = 0, None
+    async with conn.transaction():
+        previous = await (await conn.execute(LOCK_PREVIOUS, params)).fetchone()
+        if previous is not None:
+            previous_state = previous[1]
+            cursor = await conn.execute(RELEASE_PREVIOUS, {"previous": previous[0]})
+            released = int((await cursor.fetchone())[0])  # type: ignore[index]
+        row = await (await conn.execute(UPSERT, params)).fetchone()
+    assert row is not None
+    return Registration(node_id, incarnation, row[0], released, previous_state)
 
 
 @dataclass(frozen=True)
