@@ -15,7 +15,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from multiprocessing.context import BaseContext
+from multiprocessing.context import ForkServerContext, SpawnContext
 from multiprocessing.process import BaseProcess
 
 from orch8.api.node import WorkerReport
@@ -30,7 +30,7 @@ BACKOFF_MAX_S = 30.0
 HEALTHY_AFTER_S = 30.0
 
 
-def worker_context() -> BaseContext:
+def worker_context() -> ForkServerContext | SpawnContext:
     """A start method that is safe while the supervisor runs threads and an event loop.
 
     Plain fork would copy a locked mutex or a half-used connection into the child. The
@@ -64,7 +64,7 @@ class WorkerSlot:
     def alive(self) -> bool:
         return self.process is not None and self.process.exitcode is None
 
-    def spawn(self, context: BaseContext, start: WorkerStart) -> None:
+    def spawn(self, context: ForkServerContext | SpawnContext, start: WorkerStart) -> None:
         """Start a process for this slot."""
         ours, theirs = context.Pipe(duplex=True)
         process = context.Process(target=run_worker, args=(start, theirs),
