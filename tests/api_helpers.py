@@ -147,3 +147,24 @@ def wait_for(client: httpx.Client, instance_id: str, states: tuple[str, ...] = T
         if time.monotonic() > deadline:
             raise AssertionError(f"instance still {instance['state']}: {instance}")
         time.sleep(0.05)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (workers are forked by a fork server, one level down)."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            children = [int(child) for child in (task / "children").read_text().split()]
+        except OSError:
+            continue
+        for child in children:
+            found += [child, *descendants(child)]
+    return found
+
+
+def command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
+            errors="replace")
+    except OSError:
+        return ""  # it has just exited

@@ -8,7 +8,16 @@ from pathlib import Path
 
 import httpx
 import pytest
-from api_helpers import SUPERVISOR, Node, database, free_port, node_environ, running_node
+from api_helpers import (
+    SUPERVISOR,
+    Node,
+    command_line,
+    database,
+    descendants,
+    free_port,
+    node_environ,
+    running_node,
+)
 
 from orch8.api.security import check_bind, is_loopback
 from orch8.errors import ConfigError
@@ -56,15 +65,11 @@ def test_secrets_stay_hidden(secured: Node) -> None:
         shown = [client.get("/cluster/nodes").text, client.get("/metrics").text,
                  client.get("/nowhere").text, client.post("/instances", json={}).text]
     shown.append(secured.output())
-    for pid in [secured.process.pid, *children(secured.process.pid)]:
-        shown.append(Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"))
+    processes = [secured.process.pid, *descendants(secured.process.pid)]
+    assert any(command_line(pid).startswith("orch8 worker") for pid in processes)
+    shown += [command_line(pid) for pid in processes]
     for text in shown:
         assert TOKEN not in text and DB_PASSWORD not in text
-
-
-def children(pid: int) -> list[int]:
-    found = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return [int(child) for child in found]
 
 
 def test_no_token_means_open_on_loopback(server_dsn: str, template_name: str,
