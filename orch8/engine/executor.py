@@ -20,11 +20,12 @@ from psycopg_pool import AsyncConnectionPool
 
 from orch8.engine.backoff import backoff_ms
 from orch8.engine.committer import StepCommitter
+from orch8.engine.limits import LimitWatch
 from orch8.engine.stats import WorkerStats
 from orch8.handlers.context import StepContext
 from orch8.handlers.registry import HandlerError, Registry
 from orch8.model import Step
-from orch8.store import claims
+from orch8.store import claims, rate_limits
 from orch8.store.claims import Claimed, StepDone
 from orch8.store.sequences import Sequence, get_sequence
 
@@ -54,6 +55,7 @@ class Executor:
         stats: WorkerStats,
         threads: ThreadPoolExecutor,
         is_draining: Callable[[], bool],
+        limits: LimitWatch | None = None,
     ) -> None:
         self._pool = pool
         self._committer = committer
@@ -61,6 +63,7 @@ class Executor:
         self._stats = stats
         self._threads = threads
         self._is_draining = is_draining
+        self._limits = limits
         # Definitions are immutable per (name, version), so caching them forever is safe.
         self._sequences: dict[tuple[str, int], Sequence] = {}
 
@@ -83,6 +86,8 @@ class Executor:
                 return
             context = StepContext(claimed.id, sequence.name, step.id, attempt + 1,
                                   claimed.input, dict(outputs))
+            if not await self._admitted(claimed, step):
+                return
             outcome = await self.call(step, context)
             ran_a_step = True
             if outcome.error is not None:
@@ -121,6 +126,26 @@ class Executor:
             self._stats.add("steps_executed")
             self._stats.step_seconds.append(time.perf_counter() - started)
         return _output(result)
+
+    async def _admitted(self, claimed: Claimed, step: Step) -> bool:
+        """True to call the handler now; False if its rate limit deferred the instance.
+
+        Only handlers with a limit pay the admission query (one statement, which also
+        defers the instance when the window is full: no failure, no attempt counted).
+        """
+        if self._limits is None or not self._limits.applies(step.handler):
+            return True
+        admission = await self._with_connection(
+            rate_limits.admit, claimed.id, claimed.epoch, step.handler)
+        if admission.admitted:
+            return True
+        if admission.held:
+            self._stats.add("rate_limited")
+        else:
+            self._stats.add("fenced_rejected")
+            log.warning("instance %s: claim lost before step %s was admitted; dropped",
+                        claimed.id, step.id)
+        return False
 
     async def _record_failure(
         self, claimed: Claimed, step: Step, attempts_made: int, outcome: Outcome

@@ -13,6 +13,7 @@ COUNTERS = (
     "delayed",
     "released",
     "fenced_rejected",
+    "rate_limited",
 )
 
 

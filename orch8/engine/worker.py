@@ -12,6 +12,7 @@ still runs is cancelled and its claims released (fenced), so nothing waits for s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
@@ -21,6 +22,7 @@ from psycopg_pool import AsyncConnectionPool
 from orch8.config import Settings
 from orch8.engine.committer import StepCommitter
 from orch8.engine.executor import Executor
+from orch8.engine.limits import LimitWatch
 from orch8.engine.stats import WorkerStats
 from orch8.handlers.registry import Registry, default_registry
 from orch8.store import claims
@@ -75,11 +77,16 @@ class Worker:
                                      thread_name_prefix="orch8-handler")
         committer = StepCommitter(pool, self.settings.commit_linger_ms / 1000,
                                   self.settings.commit_max_batch)
+        limits = LimitWatch(pool)
         executor = Executor(pool, committer, self._registry, self.stats, threads,
-                            lambda: self._draining)
+                            lambda: self._draining, limits)
+        # Know the rate-limited handlers before the first step runs.
+        with contextlib.suppress(psycopg.OperationalError, OSError):
+            await limits.run_once()
         background = [
             asyncio.create_task(committer.run(), name="committer"),
             asyncio.create_task(self._listen(stop), name="listen"),
+            asyncio.create_task(limits.run(stop), name="limits"),
         ]
         try:
             await self._claim_loop(pool, executor, stop)

@@ -47,36 +47,119 @@ class Owner:
     slot: int
 
 
+# The claim. Unkeyed due instances are taken as they come, in index order. A keyed one
+# also needs a free slot of its key (`concurrency_slots`, migration 002): the n-th
+# candidate of a key in this batch takes the key's n-th free slot, if its own
+# max_concurrency allows that slot number. Candidates a full key cannot seat are parked
+# (`waiting_for_slot`): they leave the claim index, so a saturated key neither fills
+# later batches (no head-of-line blocking) nor is re-read every tick (no spinning), and
+# the trigger that frees one of its slots wakes the next of them.
+#
+# Parking is safe only if no slot of the key can be freed unseen, so it requires that
+# this statement holds every slot row of the key locked: a finishing instance must then
+# wait for this claim to commit before it frees its slot, and its wake-up sees the parked
+# rows. A key with a slot row locked elsewhere is not parked this time (tried next claim).
+# Nothing here ever waits: instance rows and slot rows are all taken with SKIP LOCKED.
 CLAIM = """
-WITH due AS (
-    SELECT id FROM instances
-    WHERE state = 'scheduled' AND next_fire_at <= now()
+WITH candidate AS MATERIALIZED (
+    SELECT id, concurrency_key AS key, coalesce(max_concurrency, 1) AS cap, priority,
+        next_fire_at
+    FROM instances
+    WHERE state = 'scheduled' AND NOT waiting_for_slot AND next_fire_at <= now()
     ORDER BY priority DESC, next_fire_at
     LIMIT %(limit)s
     -- SKIP LOCKED: never wait on a row another worker is claiming; take the next one.
     FOR UPDATE SKIP LOCKED
+), slot AS MATERIALIZED (
+    -- Locked rows come back as their latest committed version, whatever the snapshot.
+    -- SKIP LOCKED: a slot another claim or a finishing instance holds is left alone.
+    SELECT concurrency_key AS key, slot, instance_id
+    FROM concurrency_slots
+    WHERE concurrency_key = ANY (ARRAY(
+        SELECT DISTINCT key FROM candidate WHERE key IS NOT NULL))
+    FOR UPDATE SKIP LOCKED
+), keyed AS (
+    SELECT id, key, cap,
+        row_number() OVER (PARTITION BY key ORDER BY priority DESC, next_fire_at, id) AS rank
+    FROM candidate WHERE key IS NOT NULL
+), free AS (
+    SELECT key, slot, row_number() OVER (PARTITION BY key ORDER BY slot) AS rank
+    FROM slot WHERE instance_id IS NULL
+), seated AS (
+    SELECT k.id, k.key, f.slot
+    FROM keyed k JOIN free f ON f.key = k.key AND f.rank = k.rank AND f.slot <= k.cap
+), whole AS (
+    -- Keys whose every slot row this statement holds locked.
+    SELECT key FROM slot GROUP BY key
+    HAVING count(*) = (
+        SELECT count(*) FROM concurrency_slots a WHERE a.concurrency_key = slot.key)
+), parked AS (
+    SELECT k.id FROM keyed k
+    WHERE k.key IN (SELECT key FROM whole)
+      AND NOT EXISTS (SELECT 1 FROM seated s WHERE s.id = k.id)
+      AND NOT EXISTS (
+          SELECT 1 FROM free f
+          WHERE f.key = k.key AND f.slot <= k.cap
+            AND NOT EXISTS (SELECT 1 FROM seated s WHERE s.key = f.key AND s.slot = f.slot))
+), taken AS (
+    UPDATE concurrency_slots s SET instance_id = seated.id
+    FROM seated
+    WHERE s.concurrency_key = seated.key AND s.slot = seated.slot
+), parking AS (
+    UPDATE instances i SET waiting_for_slot = true, updated_at = now()
+    FROM parked
+    WHERE i.id = parked.id
+    RETURNING i.id
+), claimed AS (
+    UPDATE instances i
+    SET state = 'running', claimed_by = %(node_id)s, claim_incarnation = %(incarnation)s,
+        claimed_slot = %(slot)s, claimed_at = now(), claim_epoch = i.claim_epoch + 1,
+        updated_at = now()
+    FROM (SELECT id FROM candidate WHERE key IS NULL UNION ALL SELECT id FROM seated) chosen
+    WHERE i.id = chosen.id
+    RETURNING i.id, i.claim_epoch AS epoch, i.sequence_name, i.sequence_version, i.input,
+        i.step_index, i.attempt, i.delay_done, i.priority,
+        extract(epoch FROM now() - i.next_fire_at)::float8 AS lateness_s
 )
-UPDATE instances i
-SET state = 'running', claimed_by = %(node_id)s, claim_incarnation = %(incarnation)s,
-    claimed_slot = %(slot)s, claimed_at = now(), claim_epoch = i.claim_epoch + 1,
-    updated_at = now()
-FROM due
-WHERE i.id = due.id
-RETURNING i.id, i.claim_epoch AS epoch, i.sequence_name, i.sequence_version, i.input,
-    i.step_index, i.attempt, i.delay_done, i.priority,
-    extract(epoch FROM now() - i.next_fire_at)::float8 AS lateness_s
+SELECT claimed.*, parked.count AS parked
+FROM (SELECT count(*) FROM parking) AS parked LEFT JOIN claimed ON true
 """
+
+# Rows parked by a claim took room in its batch without being started: claim again at
+# once for the rest (a few rounds at most), so meeting a saturated key costs no tick.
+CLAIM_ROUNDS = 4
 
 
 async def claim(conn: psycopg.AsyncConnection[Any], owner: Owner, limit: int) -> list[Claimed]:
-    """Claim up to `limit` due instances, highest priority first, then oldest due."""
-    async with conn.cursor(row_factory=dict_row) as cursor:
-        await cursor.execute(CLAIM, _owner_params(owner) | {"limit": limit})
-        rows = await cursor.fetchall()
-    claimed = [Claimed(**(row | {"priority": Priority(row["priority"])})) for row in rows]
+    """Claim up to `limit` due instances, highest priority first, then oldest due.
+
+    Keyed instances are claimed only into a free slot of their key; those that find the
+    key full are parked until a slot frees (see `CLAIM`).
+    """
+    claimed: list[Claimed] = []
+    for _ in range(CLAIM_ROUNDS):
+        taken, parked = await _claim_round(conn, owner, limit - len(claimed))
+        claimed += taken
+        if not parked or len(claimed) >= limit:
+            break
     # RETURNING does not keep the scan's order; start the most urgent first.
     claimed.sort(key=lambda c: (-c.priority, -c.lateness_s))
     return claimed
+
+
+async def _claim_round(
+    conn: psycopg.AsyncConnection[Any], owner: Owner, limit: int
+) -> tuple[list[Claimed], int]:
+    async with conn.cursor(row_factory=dict_row) as cursor:
+        await cursor.execute(CLAIM, _owner_params(owner) | {"limit": limit})
+        rows = await cursor.fetchall()
+    parked = int(rows[0]["parked"]) if rows else 0
+    claimed = [
+        Claimed(**({k: v for k, v in row.items() if k != "parked"}
+                   | {"priority": Priority(row["priority"])}))
+        for row in rows if row["id"] is not None
+    ]
+    return claimed, parked
 
 
 def _owner_params(owner: Owner) -> dict[str, Any]:
