@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import uuid
 from collections.abc import Callable
-from enum import StrEnum
 from typing import Any
 
 from psycopg_pool import AsyncConnectionPool
@@ -26,6 +26,7 @@ from orch8.store.nodes import Registration
 from supervisor import http, reaping
 from supervisor.child import WorkerStart
 from supervisor.heartbeat import Heartbeat
+from supervisor.phase import Phase
 from supervisor.protocol import BootFailed, Drain, Hurry, ProtocolError, Report, decode
 from supervisor.signals import SignalQueue
 from supervisor.slots import WorkerSlot, worker_context
@@ -40,18 +41,13 @@ STOP_GRACE_S = 10.0
 EXIT_OK, EXIT_FAILED, EXIT_BOOT_FAILED = 0, 1, 3
 
 
-class Phase(StrEnum):
-    STARTING = "starting"
-    ACTIVE = "active"
-    DRAINING = "draining"
-    STOPPING = "stopping"
-
-
 class Supervisor:
     """Implements `orch8.api.node.NodeView` for the HTTP app."""
 
-    def __init__(self, settings: Settings, dsn: str) -> None:
+    def __init__(self, settings: Settings, dsn: str, address: str | None = None) -> None:
         self.settings = settings
+        # Where the API listens: a socket bound before start-up (`http.listen`), or the bind.
+        self.address = address or settings.bind
         self.node_id = settings.node_id or new_node_id()
         self.incarnation = uuid.uuid4()
         self.pool = AsyncConnectionPool(dsn, min_size=1, max_size=4, open=False,
@@ -87,7 +83,7 @@ class Supervisor:
     # -- HeartbeatOwner ----------------------------------------------------------------
 
     def is_draining(self) -> bool:
-        return self._phase in (Phase.DRAINING, Phase.STOPPING)
+        return self._phase.leaving
 
     def summary(self) -> dict[str, Any]:
         """Counters of the current worker processes, stored with each heartbeat."""
@@ -146,7 +142,7 @@ class Supervisor:
         tasks = [
             asyncio.create_task(self._heartbeat.run(self._stopped), name="heartbeat"),
             asyncio.create_task(self._heartbeat.listen(self._stopped), name="drain-listener"),
-            asyncio.create_task(http.serve(self, self._stopped), name="http"),
+            asyncio.create_task(http.serve(self, self.address, self._stopped), name="http"),
         ]
         tasks[-1].add_done_callback(self._on_http_done)
         return tasks
@@ -171,8 +167,7 @@ class Supervisor:
                 pass
 
     def _finished(self) -> bool:
-        return self._phase in (Phase.DRAINING, Phase.STOPPING) and not any(
-            slot.alive for slot in self._slots)
+        return self._phase.leaving and not any(slot.alive for slot in self._slots)
 
     async def _leave(self, tasks: list[asyncio.Task[None]]) -> None:
         """Every worker has exited: deregister, then stop the API and the heartbeat."""
@@ -252,7 +247,7 @@ class Supervisor:
 
     def _spawn(self, slot: WorkerSlot) -> None:
         start = WorkerStart(self.settings, self.dsn, self.node_id, self.incarnation,
-                            slot.number, supervisor_pid=_own_pid())
+                            slot.number, supervisor_pid=os.getpid())
         slot.spawn(self._context, start)
         loop = asyncio.get_running_loop()
         assert slot.process is not None and slot.pipe is not None
@@ -315,9 +310,3 @@ def _call_listener(listener: Callable[[WorkerReport], None], report: WorkerRepor
         listener(report)
     except Exception:  # a metrics bug must not take the supervisor down
         log.exception("report listener failed")
-
-
-def _own_pid() -> int:
-    import os
-
-    return os.getpid()

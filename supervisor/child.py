@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 from orch8.config import Settings
+from orch8.database import redact
 from orch8.engine.worker import Worker
 from orch8.errors import ConfigError
 from orch8.handlers import load_modules
@@ -58,7 +59,12 @@ def run_worker(start: WorkerStart, pipe: Connection) -> None:
     except ConfigError as error:
         _send(pipe, BootFailed(start.slot, str(error)))
         sys.exit(BOOT_FAILED_EXIT)
-    asyncio.run(_serve(start, pipe))
+    try:
+        asyncio.run(_serve(start, pipe))
+    except Exception as error:
+        # The supervisor logs the exit and restarts us with backoff; one line is enough.
+        log.error("worker %d failed: %s", start.slot, redact(f"{type(error).__name__}: {error}"))
+        sys.exit(1)
 
 
 def _set_up_process(start: WorkerStart) -> None:

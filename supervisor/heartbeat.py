@@ -145,6 +145,10 @@ class Heartbeat:
                 application_name=f"orch8 heartbeat {self._owner.node_id}")
         return self._conn
 
+    async def close(self) -> None:
+        """Close the heartbeat's connection (`run` does this itself when it ends)."""
+        await self._drop_connection()
+
     async def _drop_connection(self) -> None:
         if self._conn is not None:
             try:

@@ -20,6 +20,20 @@ from orch8.api.node import NodeView
 GRACEFUL_TIMEOUT_S = 2.0
 
 
+def listen(bind: str) -> str:
+    """Bind the API's address now, before the node registers or starts a worker.
+
+    A taken port then fails start-up cleanly instead of after the workers are up. Returns
+    an `fd://` address through which hypercorn adopts the socket (and its ownership).
+    Raises `OSError` when the address cannot be bound.
+    """
+    config = Config()
+    config.bind = [bind]
+    sockets = config.create_sockets()
+    [sock] = sockets.insecure_sockets
+    return f"fd://{sock.detach()}"
+
+
 def config_for(bind: str, log_level: str) -> Config:
     config = Config()
     config.bind = [bind]
@@ -31,8 +45,8 @@ def config_for(bind: str, log_level: str) -> Config:
     return config
 
 
-async def serve(node: NodeView, stopped: asyncio.Event) -> None:
-    """Serve the API on `node.settings.bind` until `stopped` is set."""
-    config = config_for(node.settings.bind, node.settings.log_level)
+async def serve(node: NodeView, address: str, stopped: asyncio.Event) -> None:
+    """Serve the API on `address` (from `listen`) until `stopped` is set."""
+    config = config_for(address, node.settings.log_level)
     await hypercorn_serve(create_app(node), config,  # type: ignore[arg-type]
                           shutdown_trigger=stopped.wait)

@@ -20,12 +20,19 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import psycopg
+from psycopg_pool import PoolTimeout
+
 from orch8.config import Settings
 from orch8.database import redact, resolve_dsn
 from orch8.errors import ConfigError
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 PROG = "orch8-supervisor"
+
+
+class StartupError(Exception):
+    """The node could not start (the database is unreachable, say); exit 1."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -82,37 +89,53 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = settings_from(argv)
     except ConfigError as error:
-        print(f"{PROG}: {redact(str(error))}", file=sys.stderr)
+        _say(str(error))
         return EXIT_CONFIG
     _configure_logging(settings)
     try:
         return _run(settings)
     except ConfigError as error:
-        print(f"{PROG}: {redact(str(error))}", file=sys.stderr)
+        _say(str(error))
         return EXIT_CONFIG
+    except StartupError as error:
+        _say(str(error))
+        return EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_FAILED
     except Exception as error:  # a last resort: one line, never a traceback
-        print(f"{PROG}: {type(error).__name__}: {redact(str(error))}", file=sys.stderr)
+        _say(f"{type(error).__name__}: {error}")
         return EXIT_FAILED
+
+
+def _say(message: str) -> None:
+    """One line on stderr, password-free (psycopg's messages span several lines)."""
+    print(f"{PROG}: {redact(' '.join(message.split()))}", file=sys.stderr)
 
 
 def _run(settings: Settings) -> int:
     import setproctitle
 
     from orch8.migrate import migrate
+    from supervisor import http
     from supervisor.arbiter import Supervisor
 
+    try:
+        address = http.listen(settings.bind)
+    except OSError as error:
+        raise StartupError(f"cannot listen on {settings.bind}: {error}") from None
     dsn = resolve_dsn(settings.database_url, settings.data_dir)
     try:
         migrate(dsn)
-    except Exception as error:
-        raise RuntimeError(f"cannot prepare the database: {error}") from None
-    supervisor = Supervisor(settings, dsn)
+    except psycopg.Error as error:
+        raise StartupError(f"cannot prepare the database: {error}") from None
+    supervisor = Supervisor(settings, dsn, address)
     setproctitle.setproctitle(f"orch8 supervisor {supervisor.node_id}")
-    code = asyncio.run(supervisor.run())
+    try:
+        code = asyncio.run(supervisor.run())
+    except (psycopg.Error, PoolTimeout) as error:
+        raise StartupError(f"cannot register the node: {error}") from None
     if supervisor.failure is not None:
-        print(f"{PROG}: {redact(supervisor.failure)}", file=sys.stderr)
+        _say(supervisor.failure)
     return code
 
 

@@ -16,6 +16,7 @@ import psycopg
 
 from orch8.store.claims import release_owner
 from supervisor.child import BOOT_FAILED_EXIT
+from supervisor.phase import Phase
 from supervisor.slots import WorkerSlot
 
 if TYPE_CHECKING:
@@ -35,14 +36,14 @@ async def reap(node: Supervisor, slots: list[WorkerSlot]) -> None:
         pid, code = slot.process.pid, slot.process.exitcode
         retired = slot.incarnation != node.incarnation  # stopped after a re-registration
         cause = slot.reap()
-        expected = retired or node.phase.value in ("draining", "stopping")
+        expected = retired or node.phase.leaving
         level = logging.INFO if expected and code == 0 else logging.ERROR
         log.log(level, "worker %d (pid %s) %s", slot.number, pid, cause)
         slot.pending_release = slot.incarnation
         await release(node, slot)
         if code == BOOT_FAILED_EXIT and node.failure is None:
             node.fail(f"worker {slot.number} failed at boot", exit_code=3)
-        elif node.phase.value == "active":
+        elif node.phase is Phase.ACTIVE:
             _plan_restart(slot, retired)
 
 

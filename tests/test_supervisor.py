@@ -8,7 +8,9 @@ completion and each step-output write.
 
 from __future__ import annotations
 
+import os
 import signal
+import socket
 import time
 import uuid
 from collections import Counter
@@ -18,7 +20,7 @@ from typing import Any
 import psycopg
 import pytest
 from handlers_for_tests import EXECUTIONS_TABLE
-from supervisor_process import Cluster, Node, wait_until
+from supervisor_process import Cluster, Node, free_port, wait_until
 
 from orch8 import Client
 
@@ -155,8 +157,6 @@ def test_killed_worker_is_released_at_once_and_restarted(cluster: Cluster, db: s
     [(victim_instance, victim_pid), *_] = wait_until(
         lambda: in_flight_on(db, "node-a"), 20, "a step in flight")
     killed_at = time.monotonic()
-    import os
-
     os.kill(victim_pid, signal.SIGKILL)
     wait_until(lambda: sum(1 for i, _, _ in executions(db) if i == victim_instance) == 2,
                20, "the killed worker's instance to run again")
@@ -279,8 +279,6 @@ def test_workers_exit_when_the_supervisor_dies(cluster: Cluster, db: str) -> Non
 def test_hung_worker_is_killed_and_restarted(cluster: Cluster, db: str) -> None:
     node = cluster.start("node-a", ORCH8_WORKER_TIMEOUT_SECS="2")
     hung = node.worker_pids()[0]
-    import os
-
     os.kill(hung, signal.SIGSTOP)
     wait_until(lambda: f"(pid {hung}) killed by SIGKILL" in node.log(), 15, "the kill")
     assert "sent nothing for" in node.log()
@@ -310,3 +308,24 @@ def test_bad_configuration_is_one_line(cluster: Cluster, args: tuple[str, ...],
     lines = node.log().strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("orch8-supervisor: "), lines
     assert expected in lines[0]
+
+
+def test_http_address_in_use_stops_the_node(cluster: Cluster, db: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        node = cluster.start("node-a", wait_ready=False, ORCH8_BIND=f"127.0.0.1:{port}")
+        assert node.wait_exit(60) == 1
+    lines = node.log().strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"orch8-supervisor: cannot listen on 127.0.0.1:{port}"), lines
+    assert node_row(db, "node-a") is None, "nothing registered"
+
+
+def test_unreachable_database_is_one_line(cluster: Cluster) -> None:
+    cluster.dsn = f"host=127.0.0.1 port={free_port()} dbname=nothing connect_timeout=2"
+    node = cluster.start("node-a", wait_ready=False)
+    assert node.wait_exit(30) == 1
+    lines = node.log().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("orch8-supervisor: cannot prepare"), lines
