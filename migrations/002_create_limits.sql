@@ -20,6 +20,10 @@ ALTER TABLE instances ADD COLUMN waiting_for_slot boolean NOT NULL DEFAULT false
 DROP INDEX instances_claim_order;
 CREATE INDEX instances_claim_order ON instances (priority DESC, next_fire_at)
     WHERE state = 'scheduled' AND NOT waiting_for_slot;
+-- A claim that finds a key full parks the key's other due instances too, through this
+-- index (keyed rows only) rather than batch after batch through the claim index.
+CREATE INDEX instances_ready_by_key ON instances (concurrency_key)
+    WHERE state = 'scheduled' AND NOT waiting_for_slot AND concurrency_key IS NOT NULL;
 -- A freed slot wakes its key's next waiter: highest priority, then oldest due.
 CREATE INDEX instances_slot_waiters ON instances (concurrency_key, priority DESC, next_fire_at)
     WHERE state = 'scheduled' AND waiting_for_slot;

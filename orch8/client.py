@@ -6,6 +6,7 @@ only if that transaction commits, so "save the order and start its workflow" is 
 
 from __future__ import annotations
 
+import builtins
 import time
 import uuid
 from typing import Any, TypeVar
@@ -17,9 +18,10 @@ from orch8.database import resolve_dsn
 from orch8.errors import DefinitionError
 from orch8.model import TERMINAL_STATES, State, parse_name, parse_steps
 from orch8.requests import parse_new_instance
-from orch8.store import instances, sequences
+from orch8.store import instances, rate_limits, sequences
 from orch8.store.instances import Created, Instance, NewInstance
 from orch8.store.query import Query
+from orch8.store.rate_limits import RateLimit
 from orch8.store.sequences import Sequence
 
 MAX_BATCH = 10_000
@@ -86,6 +88,17 @@ class Client:
 
     def queue_depth(self) -> dict[str, int]:
         return self._run(instances.queue_depth())
+
+    def set_rate_limit(self, handler: str, max_calls: int, window_ms: int) -> RateLimit:
+        """Allow `handler` at most `max_calls` calls in any `window_ms`, cluster-wide."""
+        return self._run(rate_limits.set_rate_limit(handler, max_calls, window_ms))
+
+    def list_rate_limits(self) -> builtins.list[RateLimit]:
+        return self._run(rate_limits.list_rate_limits())
+
+    def delete_rate_limit(self, handler: str) -> None:
+        """Remove a handler's limit; `NotFound` if it has none."""
+        self._run(rate_limits.delete_rate_limit(handler))
 
     def wait(self, instance_id: uuid.UUID | str, timeout_s: float = 60.0,
              poll_s: float = 0.05) -> Instance:

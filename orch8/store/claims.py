@@ -101,14 +101,27 @@ WITH candidate AS MATERIALIZED (
           SELECT 1 FROM free f
           WHERE f.key = k.key AND f.slot <= k.cap
             AND NOT EXISTS (SELECT 1 FROM seated s WHERE s.key = f.key AND s.slot = f.slot))
+), backlog AS (
+    -- A key proven full parks its other due instances as well (a bounded number per
+    -- claim), found through the key's own index instead of batch after batch here.
+    SELECT b.id
+    FROM (SELECT DISTINCT k.key FROM keyed k JOIN parked p ON p.id = k.id) full_key
+    CROSS JOIN LATERAL (
+        SELECT id FROM instances
+        WHERE concurrency_key = full_key.key AND state = 'scheduled'
+          AND NOT waiting_for_slot AND next_fire_at <= now()
+          AND id NOT IN (SELECT id FROM candidate)
+        LIMIT 1000
+        FOR UPDATE SKIP LOCKED
+    ) b
 ), taken AS (
     UPDATE concurrency_slots s SET instance_id = seated.id
     FROM seated
     WHERE s.concurrency_key = seated.key AND s.slot = seated.slot
 ), parking AS (
     UPDATE instances i SET waiting_for_slot = true, updated_at = now()
-    FROM parked
-    WHERE i.id = parked.id
+    FROM (SELECT id FROM parked UNION ALL SELECT id FROM backlog) p
+    WHERE i.id = p.id
     RETURNING i.id
 ), claimed AS (
     UPDATE instances i

@@ -1,0 +1,233 @@
+"""Concurrency keys against the real SQL: seating, parking, freeing, waking, the index."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import psycopg
+import pytest
+
+from orch8 import Client, State
+from orch8.store import claims, concurrency
+from orch8.store.claims import Claimed, Owner, StepDone
+from orch8.store.concurrency import KeyUsage
+
+
+def owner(slot: int = 0) -> Owner:
+    return Owner("node-a", uuid.uuid4(), slot)
+
+
+async def _claim(dsn: str, who: Owner, limit: int) -> list[Claimed]:
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        return await claims.claim(conn, who, limit)
+
+
+def claim(dsn: str, limit: int, who: Owner | None = None) -> list[Claimed]:
+    return asyncio.run(_claim(dsn, who or owner(), limit))
+
+
+def write(dsn: str, function: Any, *args: Any) -> Any:
+    """Run one of the async fenced writes of `claims` on its own connection."""
+
+    async def run() -> Any:
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            return await function(conn, *args)
+
+    return asyncio.run(run())
+
+
+def usage(conn: psycopg.Connection, key: str) -> KeyUsage | None:
+    return concurrency.key_usage(key).run(conn)
+
+
+def finish(dsn: str, claimed: Claimed) -> bool:
+    done = StepDone(claimed.id, claimed.epoch, "only", 1, "{}", 1, True)
+    return claimed.id in write(dsn, claims.finish_steps, [done])
+
+
+@pytest.fixture
+def client(dsn):
+    with Client(dsn) as client:
+        client.create_sequence("s", [{"id": "only", "handler": "noop"}])
+        yield client
+
+
+def start(client: Client, key: str | None, cap: int | None, count: int = 1,
+          **options: Any) -> list[uuid.UUID]:
+    return [client.start("s", concurrency_key=key, max_concurrency=cap, **options).id
+            for _ in range(count)]
+
+
+def test_a_key_runs_at_most_its_max_and_the_rest_wait(client, dsn, conn):
+    start(client, "k", 2, count=5)
+    claimed = claim(dsn, 10)
+    assert len(claimed) == 2
+    assert usage(conn, "k") == KeyUsage("k", slots=2, running=2, waiting=3)
+    # The waiting ones are out of the claim index: another claim finds nothing at all.
+    assert claim(dsn, 10) == []
+
+
+def test_a_saturated_key_does_not_hold_back_other_work(client, dsn, conn):
+    start(client, "hot", 1, count=40, priority="critical")
+    plain = set(start(client, None, None, count=5, priority="low"))
+    first = claim(dsn, 5)
+    second = claim(dsn, 5)
+    got = {c.id for c in first + second}
+    assert plain <= got, "unkeyed work waited behind a saturated key"
+    assert usage(conn, "hot") == KeyUsage("hot", slots=1, running=1, waiting=39)
+
+
+def test_each_waiter_is_parked_once_and_then_never_read_again(client, dsn, conn):
+    start(client, "k", 1, count=30)
+
+    async def rounds() -> list[tuple[int, int]]:
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as aconn:
+            seen = []
+            for _ in range(4):
+                taken, parked = await claims._claim_round(aconn, owner(), 10)
+                seen.append((len(taken), parked))
+            return seen
+
+    # 1 seated; the other 29 parked at once (the key is proven full); nothing left to read.
+    assert asyncio.run(rounds()) == [(1, 29), (0, 0), (0, 0), (0, 0)]
+
+
+def test_a_freed_slot_goes_to_the_next_waiter_by_priority_then_due_time(client, dsn, conn):
+    [first] = start(client, "k", 1, priority="critical")
+    [low] = start(client, "k", 1, priority="low")
+    [high_old] = start(client, "k", 1, priority="high")
+    [high_new] = start(client, "k", 1, priority="high")
+    conn.execute("UPDATE instances SET next_fire_at = now() - interval '1 minute' "
+                 "WHERE id = %s", (high_old,))
+    order = []
+    [running] = claim(dsn, 10)
+    while running:
+        order.append(running.id)
+        assert finish(dsn, running)
+        got = claim(dsn, 10)
+        assert len(got) <= 1
+        running = got[0] if got else None
+    assert order == [first, high_old, high_new, low]
+
+
+EXITS = ["complete", "fail", "retry_later", "wait", "release_unstarted", "release_owner",
+         "cancel", "stale_sweep", "delete"]
+
+
+@pytest.mark.parametrize("exit_path", EXITS)
+def test_every_way_out_of_running_frees_the_slot_and_wakes_a_waiter(
+        client, dsn, conn, exit_path):
+    start(client, "k", 1, count=2)
+    who = owner()
+    [running] = claim(dsn, 10, who)
+    assert usage(conn, "k") == KeyUsage("k", slots=1, running=1, waiting=1)
+    if exit_path == "complete":
+        assert finish(dsn, running)
+    elif exit_path == "fail":
+        assert write(dsn, claims.fail, running, "boom")
+    elif exit_path == "retry_later":
+        assert write(dsn, claims.retry_later, running, "boom", 60_000)
+    elif exit_path == "wait":
+        assert write(dsn, claims.wait, running, 60_000)
+    elif exit_path == "release_unstarted":
+        assert write(dsn, claims.release_unstarted, [running]) == 1
+    elif exit_path == "release_owner":
+        assert claims.release_owner(conn, who.incarnation) == 1
+    elif exit_path == "cancel":
+        client.cancel(running.id)
+    elif exit_path == "stale_sweep":
+        # What the node sweep does to a dead node's claims: any UPDATE out of `running`.
+        conn.execute("UPDATE instances SET state = 'scheduled', claim_epoch = claim_epoch + 1 "
+                     "WHERE claim_incarnation = %s", (who.incarnation,))
+    elif exit_path == "delete":
+        conn.execute("DELETE FROM instances WHERE id = %s", (running.id,))
+    state = usage(conn, "k")
+    assert state is not None and state.running == 0 and state.waiting == 0
+    # The woken waiter (or the released instance itself) is claimable at once.
+    [again] = claim(dsn, 10)
+    assert usage(conn, "k").running == 1  # type: ignore[union-attr]
+    if exit_path in ("complete", "fail", "cancel", "delete", "retry_later", "wait"):
+        assert again.id != running.id
+
+
+def test_a_lost_claim_frees_nothing_twice(client, dsn, conn):
+    start(client, "k", 1, count=2)
+    who = owner()
+    [running] = claim(dsn, 10, who)
+    claims.release_owner(conn, who.incarnation)
+    [again] = claim(dsn, 10)
+    # The first owner's late writes are refused and leave the new holder's slot alone.
+    assert not finish(dsn, running)
+    assert not write(dsn, claims.fail, running, "late")
+    assert usage(conn, "k") == KeyUsage("k", slots=1, running=1, waiting=1)
+    assert client.get(again.id).state == State.RUNNING
+
+
+def test_a_keyed_instance_cannot_run_without_a_slot(client, conn):
+    [instance] = start(client, "k", 1)
+    with pytest.raises(psycopg.errors.RaiseException, match="without a slot"):
+        conn.execute("UPDATE instances SET state = 'running' WHERE id = %s", (instance,))
+
+
+def test_an_instance_takes_only_slots_up_to_its_own_max(client, dsn, conn):
+    # Two instances allowing 3 take slots 1 and 2; one allowing 1 must then wait for
+    # slot 1 even though only 2 of 3 slots are held. The one allowing 3 still fits.
+    wide = start(client, "k", 3, count=2)
+    assert {c.id for c in claim(dsn, 10)} == set(wide)
+    [narrow] = start(client, "k", 1)
+    [third] = start(client, "k", 3)
+    assert [c.id for c in claim(dsn, 10)] == [third]
+    assert client.get(narrow).state == State.SCHEDULED
+    assert usage(conn, "k") == KeyUsage("k", slots=3, running=3, waiting=1)
+    # Slot 1 frees: the narrow one is the waiter that can use it.
+    holder = conn.execute("SELECT instance_id FROM concurrency_slots "
+                          "WHERE concurrency_key = 'k' AND slot = 1").fetchone()[0]
+    client.cancel(holder)
+    assert [c.id for c in claim(dsn, 10)] == [narrow]
+
+
+def test_the_backstop_wakes_a_waiter_left_behind_a_free_slot(client, dsn, conn):
+    start(client, "k", 1, count=3)
+    [running] = claim(dsn, 10)
+    # Free the slot behind the triggers' back: the state a lost wake-up would leave.
+    conn.execute("SET session_replication_role = replica")
+    conn.execute("UPDATE instances SET state = 'completed' WHERE id = %s", (running.id,))
+    conn.execute("UPDATE concurrency_slots SET instance_id = NULL")
+    conn.execute("SET session_replication_role = DEFAULT")
+    assert claim(dsn, 10) == []
+    assert concurrency.wake_stranded().run(conn) == 1
+    assert len(claim(dsn, 10)) == 1
+    assert concurrency.wake_stranded().run(conn) == 0
+
+
+def test_the_claim_reads_its_index_with_keys_and_waiters_present(client, conn):
+    conn.execute("""
+        INSERT INTO instances (id, sequence_name, sequence_version, state, priority,
+                               next_fire_at, concurrency_key, max_concurrency)
+        SELECT gen_random_uuid(), 's', 1,
+               (ARRAY['scheduled','completed','completed','completed'])[1 + g % 4],
+               g % 4, now() - (g || ' seconds')::interval,
+               CASE WHEN g % 3 = 0 THEN 'key-' || (g % 50) END,
+               CASE WHEN g % 3 = 0 THEN 2 END
+        FROM generate_series(1, 20000) AS g""")
+    conn.execute("UPDATE instances SET waiting_for_slot = true "
+                 "WHERE concurrency_key IS NOT NULL AND state = 'scheduled'")
+    conn.execute("ANALYZE")
+    plan = conn.execute(
+        "EXPLAIN (FORMAT JSON) " + claims.CLAIM,
+        {"node_id": "n", "incarnation": uuid.uuid4(), "slot": 0, "limit": 50},
+    ).fetchone()[0]
+    text = str(plan)
+    assert "instances_claim_order" in text, text
+    # `concurrency_slots` here is a few pages: a sequential scan of it is fine. The
+    # instance table never is.
+    assert "instances" not in seq_scanned(plan[0]["Plan"]), text
+
+
+def seq_scanned(node: dict[str, Any]) -> set[str]:
+    found = {node["Relation Name"]} if node["Node Type"] == "Seq Scan" else set()
+    for child in node.get("Plans", []):
+        found |= seq_scanned(child)
+    return found
