@@ -15,6 +15,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from psycopg_pool import AsyncConnectionPool
@@ -37,8 +38,22 @@ TICK_S = 0.25
 # After the workers' own drain timeout, how long before they are killed outright.
 DRAIN_GRACE_S = 10.0
 STOP_GRACE_S = 10.0
+HEARTBEAT_STOP_S = 10.0
 
 EXIT_OK, EXIT_FAILED, EXIT_BOOT_FAILED = 0, 1, 3
+
+
+@dataclass(frozen=True)
+class Background:
+    """The supervisor's long-lived tasks besides its main loop."""
+
+    heartbeat: asyncio.Task[None]
+    listener: asyncio.Task[None]
+    server: asyncio.Task[None]
+
+    @property
+    def tasks(self) -> tuple[asyncio.Task[None], ...]:
+        return (self.heartbeat, self.listener, self.server)
 
 
 class Supervisor:
@@ -57,7 +72,10 @@ class Supervisor:
         self._phase = Phase.STARTING
         self._phase_since = time.monotonic()
         self._wake = asyncio.Event()
+        # Set once the node has deregistered: the API and the drain listener end.
         self._stopped = asyncio.Event()
+        # Set once every worker is gone: the heartbeat ends (a drain keeps it beating).
+        self._beats_stop = asyncio.Event()
         self._signals = SignalQueue(self._wake)
         self._heartbeat = Heartbeat(settings, dsn, self)
         self._listeners: list[ReportListener] = []
@@ -129,27 +147,35 @@ class Supervisor:
             log.info("node %s registered (incarnation %s, %d workers)", self.node_id,
                      self.incarnation, len(self._slots))
             self._context = worker_context()
-            tasks = self._start_background()
+            background = self._start_background()
             self._set_phase(Phase.ACTIVE)
             await self._main_loop()
-            await self._leave(tasks)
+            await self._leave(background)
         finally:
             self._signals.uninstall(loop)
             await self.pool.close()
         return self._exit_code
 
-    def _start_background(self) -> list[asyncio.Task[None]]:
-        tasks = [
-            asyncio.create_task(self._heartbeat.run(self._stopped), name="heartbeat"),
-            asyncio.create_task(self._heartbeat.listen(self._stopped), name="drain-listener"),
-            asyncio.create_task(http.serve(self, self.address, self._stopped), name="http"),
-        ]
-        tasks[-1].add_done_callback(self._on_http_done)
-        return tasks
+    def _start_background(self) -> Background:
+        background = Background(
+            heartbeat=asyncio.create_task(self._heartbeat.run(self._beats_stop), name="heartbeat"),
+            listener=asyncio.create_task(self._heartbeat.listen(self._stopped),
+                                         name="drain-listener"),
+            server=asyncio.create_task(http.serve(self, self.address, self._stopped),
+                                       name="http"),
+        )
+        for task in background.tasks:
+            task.add_done_callback(self._on_background_done)
+        return background
 
-    def _on_http_done(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            self.fail(f"cannot serve HTTP on {self.settings.bind}: {task.exception()}")
+    def _on_background_done(self, task: asyncio.Task[None]) -> None:
+        # Every background task lives as long as the node; one that ends early (a bug, or
+        # the HTTP server failing) must not leave a node running without it.
+        if self._stopped.is_set() or self._beats_stop.is_set() or task.cancelled():
+            return
+        error = task.exception()
+        self.fail(f"{task.get_name()} stopped: {error!r}" if error else
+                  f"{task.get_name()} stopped unexpectedly")
 
     async def _main_loop(self) -> None:
         while not self._finished():
@@ -169,18 +195,23 @@ class Supervisor:
     def _finished(self) -> bool:
         return self._phase.leaving and not any(slot.alive for slot in self._slots)
 
-    async def _leave(self, tasks: list[asyncio.Task[None]]) -> None:
-        """Every worker has exited: deregister, then stop the API and the heartbeat."""
+    async def _leave(self, background: Background) -> None:
+        """Every worker has exited: stop beating, deregister, then stop the API."""
+        background.listener.cancel()
+        self._beats_stop.set()
+        await asyncio.wait([background.heartbeat], timeout=HEARTBEAT_STOP_S)
         try:
             released = await self._heartbeat.deregister()
             log.info("node %s deregistered (released %d claims)", self.node_id, released)
         except Exception as error:  # the sweep of another node will release them
             log.error("could not deregister (%s); other nodes will sweep this one", error)
+        finally:
+            await self._heartbeat.close()
         self._stopped.set()
-        done, pending = await asyncio.wait(tasks, timeout=5)
-        for task in pending:
+        await asyncio.wait([background.server], timeout=http.GRACEFUL_TIMEOUT_S + 3)
+        for task in background.tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*background.tasks, return_exceptions=True)
 
     # -- signals and stops ------------------------------------------------------------
 
