@@ -268,6 +268,18 @@ def test_second_sigterm_stops_now_and_releases(cluster: Cluster, db: str) -> Non
     assert node_row(db, "node-a") is None
 
 
+def test_drain_timeout_releases_what_still_runs(cluster: Cluster, db: str) -> None:
+    node = cluster.start("node-a", ORCH8_DRAIN_TIMEOUT_SECS="1", **ONE_AT_A_TIME)
+    start_instances(db, 2, ms=60_000)
+    wait_until(lambda: len(in_flight_on(db, "node-a")) == 2, 20, "two steps in flight")
+    epochs = query(db, "SELECT sum(claim_epoch) FROM instances")[0][0]
+    node.signal(signal.SIGTERM)
+    assert node.wait_exit(20) == 0, node.log()
+    assert states(db) == Counter({"scheduled": 2}), "released, not waited for"
+    assert query(db, "SELECT sum(claim_epoch) FROM instances")[0][0] >= epochs
+    assert node_row(db, "node-a") is None
+
+
 def test_workers_exit_when_the_supervisor_dies(cluster: Cluster, db: str) -> None:
     node = cluster.start("node-a")
     assert len(node.worker_pids()) == 2

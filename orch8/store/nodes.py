@@ -160,8 +160,9 @@ class Sweep:
 # Concurrent sweeps serialise on the node rows (the second re-checks `state <> 'dead'`
 # after the first commits and finds nothing) and on the instance rows (re-checked
 # `state = 'running'`). Claims whose incarnation has no live row at all (a node that
-# re-registered or deregistered while a worker still claimed) are released too; the
-# `claimed_at < now()` guard spares claims made after this statement's snapshot.
+# re-registered or deregistered while a worker still claimed) are released too, which
+# is why every claimer must register its incarnation before claiming (the supervisor
+# does); the `claimed_at < now()` guard spares claims made after this snapshot.
 SWEEP_STALE = f"""
 WITH stale AS (
     UPDATE cluster_nodes SET state = 'dead'
