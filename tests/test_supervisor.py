@@ -15,6 +15,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -136,6 +137,31 @@ def test_node_with_two_workers_completes_a_batch(cluster: Cluster, db: str) -> N
     assert listed["last_heartbeat"].endswith("Z")
     assert node.get("/health/live").status_code == 200
     assert node.get("/health/ready").text == "ok"
+
+
+def command_lines_of_group(pgid: int) -> dict[int, str]:
+    found = {}
+    for pid in [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]:
+        try:
+            if os.getpgid(pid) == pgid:
+                found[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(
+                    b"\0", b" ").decode().strip()
+        except (OSError, ProcessLookupError):
+            continue
+    return found
+
+
+def test_flags_override_the_environment_and_titles_hide_the_dsn(cluster: Cluster,
+                                                                db: str) -> None:
+    node = cluster.start("node-a", args=("--workers", "1", "--node-id", "node-x"),
+                         ORCH8_WORKERS="3")
+    node.node_id = "node-x"
+    [listed] = node.get("/cluster/nodes").json()
+    assert (listed["id"], listed["workers"]) == ("node-x", 1)
+    titles = command_lines_of_group(node.pid)
+    assert titles[node.pid] == "orch8 supervisor node-x"
+    assert sorted(t for t in titles.values() if "worker" in t) == ["orch8 worker 1/1 node-x"]
+    assert not [t for t in titles.values() if "dbname" in t or "postgres" in t]
 
 
 def test_two_supervisors_share_one_database(cluster: Cluster, db: str) -> None:
