@@ -86,9 +86,10 @@ class Executor:
                 return
             context = StepContext(claimed.id, sequence.name, step.id, attempt + 1,
                                   claimed.input, dict(outputs))
-            if not await self._admitted(claimed, step):
+            admitted, on_start = await self._admit(claimed, step)
+            if not admitted:
                 return
-            outcome = await self.call(step, context)
+            outcome = await self.call(step, context, on_start)
             ran_a_step = True
             if outcome.error is not None:
                 await self._record_failure(claimed, step, attempt + 1, outcome)
@@ -102,17 +103,24 @@ class Executor:
             index, attempt, delay_done = index + 1, 0, False
         self._stats.add("completed")
 
-    async def call(self, step: Step, context: StepContext) -> Outcome:
-        """Call the step's handler with its timeout; any exception becomes an `Outcome`."""
+    async def call(self, step: Step, context: StepContext,
+                   on_start: Callable[[], None] | None = None) -> Outcome:
+        """Call the step's handler with its timeout; any exception becomes an `Outcome`.
+
+        `on_start`, if given, runs on the event loop once the handler has really started
+        (a rate-limited call stamps its start time with it).
+        """
         handler = self._registry.get(step.handler)
         if handler is None:
             return Outcome(error=f"unknown handler {step.handler!r}", retryable=False)
+        function = handler.function if on_start is None else _announcing(
+            handler.function, handler.is_async, on_start)
         started = time.perf_counter()
         try:
             if handler.is_async:
-                pending: Awaitable[Any] = handler.function(context, step.params)
+                pending: Awaitable[Any] = function(context, step.params)
             else:
-                call = functools.partial(handler.function, context, step.params)
+                call = functools.partial(function, context, step.params)
                 pending = asyncio.get_running_loop().run_in_executor(self._threads, call)
             timeout = step.timeout_ms / 1000 if step.timeout_ms else None
             result = await asyncio.wait_for(pending, timeout)
@@ -127,25 +135,27 @@ class Executor:
             self._stats.step_seconds.append(time.perf_counter() - started)
         return _output(result)
 
-    async def _admitted(self, claimed: Claimed, step: Step) -> bool:
-        """True to call the handler now; False if its rate limit deferred the instance.
+    async def _admit(
+        self, claimed: Claimed, step: Step
+    ) -> tuple[bool, Callable[[], None] | None]:
+        """Whether to call the handler now, and what to run once the call has started.
 
-        Only handlers with a limit pay the admission query (one statement, which also
-        defers the instance when the window is full: no failure, no attempt counted).
+        Only handlers with a rate limit pay a query: one statement that takes a call slot,
+        or defers the instance to when one frees (not a failure, not an attempt).
         """
         if self._limits is None or not self._limits.applies(step.handler):
-            return True
+            return True, None
         admission = await self._with_connection(
             rate_limits.admit, claimed.id, claimed.epoch, step.handler)
         if admission.admitted:
-            return True
+            return True, self._limits.stamper(step.handler, admission.slot)
         if admission.held:
             self._stats.add("rate_limited")
         else:
             self._stats.add("fenced_rejected")
             log.warning("instance %s: claim lost before step %s was admitted; dropped",
                         claimed.id, step.id)
-        return False
+        return False, None
 
     async def _record_failure(
         self, claimed: Claimed, step: Step, attempts_made: int, outcome: Outcome
@@ -213,6 +223,23 @@ def _database_errors() -> type[Exception]:
     import psycopg
 
     return psycopg.OperationalError
+
+
+def _announcing(function: Any, is_async: bool, on_start: Callable[[], None]) -> Any:
+    """`function`, calling `on_start` on the event loop as it starts (from any thread)."""
+    if is_async:
+        async def announced_async(*args: Any) -> Any:
+            on_start()
+            return await function(*args)
+
+        return announced_async
+    loop = asyncio.get_running_loop()
+
+    def announced(*args: Any) -> Any:
+        loop.call_soon_threadsafe(on_start)
+        return function(*args)
+
+    return announced
 
 
 def _output(result: Any) -> Outcome:

@@ -1,6 +1,7 @@
 """`LimitWatch`: a worker's view of the limits, kept current in the background.
 
-Two jobs at one pace (every `interval_s`):
+It also stamps the real start of each admitted call (`stamper`). Two jobs run at one
+pace (every `interval_s`):
 - re-read which handlers have a rate limit, so that a step whose handler has none pays
   no query at all (the executor asks `applies()`, a set lookup);
 - run the concurrency-slot backstop (`concurrency.wake_stranded`) for the rare wake-up
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool
@@ -29,10 +31,31 @@ class LimitWatch:
         self._pool = pool
         self._interval_s = interval_s
         self._limited: frozenset[str] = frozenset()
+        self._stamping: set[asyncio.Task[None]] = set()
 
     def applies(self, handler: str) -> bool:
         """Whether calls of `handler` must be admitted by its rate limit."""
         return handler in self._limited
+
+    def stamper(self, handler: str, slot: int | None) -> Callable[[], None] | None:
+        """What to run once an admitted call has started: stamp its slot with that time."""
+        if slot is None:
+            return None
+
+        def stamp() -> None:
+            task = asyncio.create_task(self._restamp(handler, slot), name="restamp")
+            self._stamping.add(task)
+            task.add_done_callback(self._stamping.discard)
+
+        return stamp
+
+    async def _restamp(self, handler: str, slot: int) -> None:
+        try:
+            async with self._pool.connection() as conn:
+                await rate_limits.restamp(conn, handler, slot)
+        except (psycopg.OperationalError, OSError) as error:
+            # The admission's own stamp stands; only the start-time refinement is lost.
+            log.warning("could not stamp the start of a %s call (%s)", handler, error)
 
     async def run_once(self) -> None:
         """Refresh the limited handlers and wake stranded slot waiters, once."""

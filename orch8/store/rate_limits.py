@@ -152,11 +152,12 @@ def limited_handlers() -> Query[frozenset[str]]:
 
 @dataclass(frozen=True)
 class Admission:
-    """The answer for one call: go ahead, or deferred until a moment, or the claim is lost."""
+    """The answer for one call: go ahead (in `slot`), deferred until a moment, or lost."""
 
     held: bool
     admitted: bool
     deferred_until: datetime | None
+    slot: int | None = None
 
 
 # One statement per limited call. Locking: the slot is taken with SKIP LOCKED (a slot
@@ -205,7 +206,8 @@ WITH fence AS (
 )
 SELECT EXISTS (SELECT 1 FROM fence) AS held,
     NOT EXISTS (SELECT 1 FROM rule) OR EXISTS (SELECT 1 FROM taken) AS admitted,
-    (SELECT next_fire_at FROM deferred) AS deferred_until
+    (SELECT next_fire_at FROM deferred) AS deferred_until,
+    (SELECT slot FROM taken) AS slot
 """
 
 
@@ -222,4 +224,20 @@ async def admit(
         row = await cursor.fetchone()
     assert row is not None  # the final SELECT always returns one row
     held = bool(row["held"]) and (row["admitted"] or row["deferred_until"] is not None)
-    return Admission(held, bool(row["admitted"]) and held, row["deferred_until"])
+    return Admission(held, bool(row["admitted"]) and held, row["deferred_until"], row["slot"])
+
+
+# The admission stamped the slot when it was granted; the handler starts a little later
+# (a thread to free up, an event loop to get round to it). Stamping again once it has
+# started makes the stamp no earlier than the real start, so the next use of the slot,
+# a window after the stamp, is a full window after this call really began. `greatest`:
+# a stamp only ever moves later.
+RESTAMP = """
+UPDATE rate_limit_slots SET last_call = greatest(last_call, now())
+WHERE handler = %(handler)s AND slot = %(slot)s
+"""
+
+
+async def restamp(conn: psycopg.AsyncConnection[Any], handler: str, slot: int) -> None:
+    """Move a taken slot's stamp to now (called once the admitted call has started)."""
+    await conn.execute(RESTAMP, {"handler": handler, "slot": slot})
