@@ -273,7 +273,10 @@ class Supervisor:
             if slot.alive or slot.restart_at > now:
                 continue
             if slot.pending_release is not None and not await reaping.release(self, slot):
-                continue  # never start a slot while its previous claims are still held
+                # Never start a slot while its previous claims are still held; back off
+                # rather than retry every tick while the database is away.
+                slot.schedule_restart()
+                continue
             self._spawn(slot)
 
     def _spawn(self, slot: WorkerSlot) -> None:
