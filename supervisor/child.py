@@ -71,8 +71,10 @@ def _set_up_process(start: WorkerStart) -> None:
     import setproctitle
 
     setproctitle.setproctitle(start.title)
-    # Ctrl-C reaches the whole group; the supervisor decides and tells us over the pipe.
+    # Ctrl-C (and Ctrl-\\) reach the whole group; the supervisor decides what they mean
+    # and tells us over the pipe.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGQUIT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     logging.basicConfig(
         level=start.settings.log_level,
