@@ -71,7 +71,7 @@ def _set_up_process(start: WorkerStart) -> None:
     import setproctitle
 
     setproctitle.setproctitle(start.title)
-    # Ctrl-C (and Ctrl-\\) reach the whole group; the supervisor decides what they mean
+    # Ctrl-C (and Ctrl-\) reach the whole group; the supervisor decides what they mean
     # and tells us over the pipe.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGQUIT, signal.SIG_IGN)
