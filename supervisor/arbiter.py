@@ -178,10 +178,12 @@ class Supervisor:
                   f"{task.get_name()} stopped unexpectedly")
 
     async def _main_loop(self) -> None:
-        while not self._finished():
+        while True:
             for number in self._signals.take():
                 self._handle_signal(number.name)
             await reaping.reap(self, self._slots)
+            if self._finished():
+                return  # checked after reaping, so every exit is logged and released
             self._murder_hung()
             self._enforce_grace()
             if self._phase is Phase.ACTIVE:
@@ -193,7 +195,7 @@ class Supervisor:
                 pass
 
     def _finished(self) -> bool:
-        return self._phase.leaving and not any(slot.alive for slot in self._slots)
+        return self._phase.leaving and all(slot.process is None for slot in self._slots)
 
     async def _leave(self, background: Background) -> None:
         """Every worker has exited: stop beating, deregister, then stop the API."""
