@@ -224,7 +224,7 @@ def retry_instance(args: argparse.Namespace, remote: Remote) -> int:
 
 # --- rate limits -----------------------------------------------------------------------
 
-LIMIT_COLUMNS = ("handler", "max", "window_ms")
+LIMIT_COLUMNS = ("handler", "max", "window_ms", "calls_in_window")
 
 
 def set_rate_limit(args: argparse.Namespace, remote: Remote) -> int:

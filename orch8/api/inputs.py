@@ -67,6 +67,18 @@ def object_body(value: Any, allowed: set[str]) -> dict[str, Any]:
     return value
 
 
+def reject_nulls(value: Any, where: str = "") -> None:
+    """Refuse `null` for a field: an optional field is left out, never sent empty.
+
+    Checks an object's own fields (not its free-form `input` or `params` contents).
+    """
+    if not isinstance(value, dict):
+        return
+    for key, item in value.items():
+        if item is None:
+            raise ApiError(422, f"{where}{key}: must not be null (leave it out instead)")
+
+
 def query_uuid(request: Request, name: str) -> uuid.UUID | None:
     """An optional UUID query parameter."""
     raw = request.query_params.get(name)
@@ -90,10 +102,13 @@ def query_int(request: Request, name: str, default: int | None, low: int, high: 
 
 
 def check_query(request: Request, allowed: set[str]) -> None:
-    """Refuse unknown query parameters: a typo should not silently widen a listing."""
+    """Refuse unknown or empty query parameters: a typo must not silently widen a listing."""
     unknown = sorted(set(request.query_params) - allowed)
     if unknown:
         raise ApiError(400, f"{unknown[0]}: unknown query parameter")
+    for name, value in request.query_params.multi_items():
+        if value == "":
+            raise ApiError(400, f"{name}: must not be empty")
 
 
 def _is_count(raw: str) -> bool:

@@ -46,7 +46,7 @@ SCHEMAS: dict[str, Schema] = {
         "initial_backoff_ms": INTEGER_MS,
         "max_backoff_ms": INTEGER_MS,
         "multiplier": {"type": "number", "minimum": 1, "maximum": 10},
-    }, []),
+    }, []) | {"description": "max_backoff_ms must not be below initial_backoff_ms"},
     "Step": strict({
         "id": NAME, "handler": NAME, "params": {"type": "object"}, "retry": ref("Retry"),
         "timeout_ms": {**INTEGER_MS, "minimum": 1}, "delay_ms": INTEGER_MS,
@@ -63,13 +63,21 @@ SCHEMAS: dict[str, Schema] = {
         "sequence": NAME,
         "input": {"type": "object"},
         "version": {"type": "integer", "minimum": 1, "maximum": 2**31 - 1},
-        "priority": PRIORITY,
+        "priority": {"oneOf": [PRIORITY, {"type": "integer", "minimum": 0, "maximum": 3}],
+                     "description": "A name, or 0 (low) to 3 (critical)"},
         "delay_ms": INTEGER_MS,
         "run_at": TIME,
         "idempotency_key": {"type": "string", "minLength": 1, "maxLength": 256},
         "concurrency_key": {"type": "string", "minLength": 1, "maxLength": 256},
         "max_concurrency": {"type": "integer", "minimum": 1, "maximum": 1_000_000},
-    }, ["sequence"]),
+    }, ["sequence"]) | {
+        "description": "Give delay_ms or run_at, not both; concurrency_key and "
+                       "max_concurrency go together.",
+        "not": {"required": ["delay_ms", "run_at"]},
+        "anyOf": [{"required": ["concurrency_key", "max_concurrency"]},
+                  {"not": {"anyOf": [{"required": ["concurrency_key"]},
+                                     {"required": ["max_concurrency"]}]}}],
+    },
     "NewBatch": strict({"instances": {"type": "array", "items": ref("NewInstance"),
                                       "minItems": 1, "maxItems": 1000}}, ["instances"]),
     "Created": strict({"id": {"type": "string", "format": "uuid"},
@@ -95,6 +103,17 @@ SCHEMAS: dict[str, Schema] = {
         "next": nullable({"type": "string", "format": "uuid",
                           "description": "Pass as `before` for the next page"}),
     }, ["instances", "next"]),
+    "NewRateLimit": strict({
+        "max": {"type": "integer", "minimum": 1, "maximum": 100_000},
+        "window_ms": {"type": "integer", "minimum": 10, "maximum": 86_400_000},
+    }, ["max", "window_ms"]),
+    "RateLimit": strict({
+        "handler": NAME, "max": {"type": "integer"}, "window_ms": {"type": "integer"},
+        "calls_in_window": {"type": "integer", "minimum": 0},
+        "created_at": TIME, "updated_at": TIME,
+    }, ["handler", "max", "window_ms", "calls_in_window", "created_at", "updated_at"]),
+    "RateLimitList": strict({"rate_limits": {"type": "array", "items": ref("RateLimit")}},
+                            ["rate_limits"]),
     "Queue": strict({
         "due": {"type": "integer", "minimum": 0},
         "by_priority": strict({name: {"type": "integer", "minimum": 0}
@@ -166,7 +185,7 @@ WORKFLOW_PATHS: dict[str, Schema] = {
         "get": {"summary": "List instances, newest first",
                 "parameters": [query("state", STATE, "Only in this state"),
                                query("sequence", NAME, "Only of this sequence"),
-                               query("concurrency_key", {"type": "string"},
+                               query("concurrency_key", {"type": "string", "minLength": 1},
                                      "Only with this concurrency key"), *PAGE],
                 "responses": responses(PAGE_OF_INSTANCES, 400, 422)},
     },
@@ -226,13 +245,30 @@ CLUSTER_PATHS: dict[str, Schema] = {
     },
     "/cluster/nodes/{node_id}/drain": {
         "post": {"summary": "Ask a node to drain: stop claiming, finish, leave",
-                 "parameters": [path("node_id", {"type": "string"})],
+                 "parameters": [path("node_id", {"type": "string",
+                                                 "pattern": "^[A-Za-z0-9_.-]{1,64}$"})],
                  "responses": {"200": {"description": "draining"},
-                               **responses({}, 404, 409)}},
+                               **responses({}, 400, 404, 409)}},
     },
 }
 
-EXTRA_PATHS: dict[str, Schema] = {}
+HANDLER = path("handler", NAME)
+RATE_LIMIT_PATHS: dict[str, Schema] = {
+    "/rate-limits": {
+        "get": {"summary": "Every per-handler rate limit",
+                "responses": responses({200: ("Limits by handler", ref("RateLimitList"))},
+                                       400)},
+    },
+    "/rate-limits/{handler}": {
+        "put": {"summary": "Allow at most `max` calls of a handler in any `window_ms`",
+                "parameters": [HANDLER], "requestBody": body("NewRateLimit"),
+                "responses": responses({200: ("The limit", ref("RateLimit"))},
+                                       *BODY_ERRORS)},
+        "delete": {"summary": "Remove a handler's limit", "parameters": [HANDLER],
+                   "responses": {"204": {"description": "removed"},
+                                 **responses({}, 404, 422)}},
+    },
+}
 
 
 def document() -> Schema:
@@ -243,7 +279,7 @@ def document() -> Schema:
                  "description": "A durable workflow engine whose only shared state is "
                                 "PostgreSQL. Errors are `{\"error\": code, \"detail\": text}`."},
         "security": [{"bearer": []}],
-        "paths": {**HEALTH_PATHS, **CLUSTER_PATHS, **WORKFLOW_PATHS, **EXTRA_PATHS},
+        "paths": {**HEALTH_PATHS, **CLUSTER_PATHS, **WORKFLOW_PATHS, **RATE_LIMIT_PATHS},
         "components": {
             "schemas": SCHEMAS,
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",

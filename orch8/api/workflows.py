@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from orch8.api import inputs
+from orch8.api import inputs, openapi
 from orch8.api.errors import ApiError, json_response
 from orch8.api.node import NodeView
 from orch8.errors import DefinitionError
@@ -48,7 +48,12 @@ class Workflows:
     async def create_sequence(self, request: Request) -> Response:
         body = inputs.object_body(await inputs.read_json(request), SEQUENCE_FIELDS)
         name = parse_name(body.get("name"), "name")
-        steps = parse_steps(body.get("steps"))
+        steps_body = body.get("steps")
+        for index, step in enumerate(steps_body if isinstance(steps_body, list) else []):
+            inputs.reject_nulls(step, f"steps[{index}].")
+            if isinstance(step, dict):
+                inputs.reject_nulls(step.get("retry"), f"steps[{index}].retry.")
+        steps = parse_steps(steps_body)
         created = await self.run(sequences.create_sequence(name, steps))
         return json_response(created.as_json(), 201)
 
@@ -67,7 +72,9 @@ class Workflows:
     # --- instances -------------------------------------------------------------------
 
     async def create_instance(self, request: Request) -> Response:
-        new = parse_new_instance(await inputs.read_json(request))
+        body = await inputs.read_json(request)
+        inputs.reject_nulls(body)
+        new = parse_new_instance(body)
         created = await self.run(instances.create_instance(new))
         body = {"id": created.id, "deduplicated": created.deduplicated}
         return json_response(body, 200 if created.deduplicated else 201)
@@ -135,6 +142,7 @@ class Workflows:
 
 def _parse_item(index: int, item: Any) -> instances.NewInstance:
     """Validate one batch entry; the error names its place in the list."""
+    inputs.reject_nulls(item, f"instances[{index}].")
     try:
         return parse_new_instance(item)
     except DefinitionError as error:
@@ -157,14 +165,10 @@ def routes(node: NodeView) -> list[BaseRoute]:
     `/metrics` is added by the factory itself (`orch8.metrics.metrics_route`).
     """
     endpoints = Workflows(node)
-    from orch8.api import openapi
-
     return [
-        Route("/sequences", endpoints.create_sequence, methods=["POST"]),
-        Route("/sequences", endpoints.list_sequences, methods=["GET"]),
+        by_method("/sequences", POST=endpoints.create_sequence, GET=endpoints.list_sequences),
         Route("/sequences/{name}", endpoints.get_sequence, methods=["GET"]),
-        Route("/instances", endpoints.create_instance, methods=["POST"]),
-        Route("/instances", endpoints.list_instances, methods=["GET"]),
+        by_method("/instances", POST=endpoints.create_instance, GET=endpoints.list_instances),
         Route("/instances/batch", endpoints.create_batch, methods=["POST"]),
         # Ids are UUIDs in the path itself: "/instances/nonsense" is a 404, and "batch" or
         # "dlq" can never be taken for an id.
@@ -173,5 +177,25 @@ def routes(node: NodeView) -> list[BaseRoute]:
         Route("/instances/{id:uuid}/cancel", endpoints.cancel_instance, methods=["POST"]),
         Route("/instances/{id:uuid}/retry", endpoints.retry_instance, methods=["POST"]),
         Route("/queue", endpoints.queue, methods=["GET"]),
+        *_rate_limit_routes(node),
         openapi.route(),
     ]
+
+
+def by_method(path: str, **endpoints: Endpoint) -> Route:
+    """One route for a path served by several methods, so a 405 lists all of them."""
+
+    async def dispatch(request: Request) -> Response:
+        method = "GET" if request.method == "HEAD" else request.method
+        return await endpoints[method](request)
+
+    return Route(path, dispatch, methods=list(endpoints))
+
+
+def _rate_limit_routes(node: NodeView) -> list[BaseRoute]:
+    # Rate limits arrive with their own store module; a build without it serves the rest.
+    try:
+        from orch8.api import rate_limits
+    except ImportError:
+        return []
+    return rate_limits.routes(node)
