@@ -282,13 +282,16 @@ def test_frozen_node_late_writes_are_fenced(cluster: Cluster, db: str) -> None:
     wait_until(lambda: a.ready_status() == 200, 20, "node-a to be ready again")
 
 
-def test_second_sigterm_stops_now_and_releases(cluster: Cluster, db: str) -> None:
+@pytest.mark.parametrize("signals", [(signal.SIGTERM, signal.SIGTERM), (signal.SIGINT,)],
+                         ids=["second-sigterm", "sigint"])
+def test_stop_now_releases_running_steps(cluster: Cluster, db: str,
+                                         signals: tuple[int, ...]) -> None:
     node = cluster.start("node-a", **ONE_AT_A_TIME)
     start_instances(db, 4, ms=60_000)
     wait_until(lambda: len(in_flight_on(db, "node-a")) == 2, 20, "two steps in flight")
-    node.signal(signal.SIGTERM)
-    wait_until(lambda: node.ready_status() == 503, 1.0, "/health/ready to turn 503", 0.05)
-    node.signal(signal.SIGTERM)
+    for number in signals:
+        node.signal(number)
+        wait_until(lambda: node.ready_status() != 200, 1.0, "/health/ready to turn 503", 0.05)
     assert node.wait_exit(15) == 0, node.log()
     assert states(db) == Counter({"scheduled": 4}), "the running steps were released"
     assert node_row(db, "node-a") is None
