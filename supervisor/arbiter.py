@@ -152,6 +152,11 @@ class Supervisor:
             await self._main_loop()
             await self._leave(background)
         finally:
+            # Normally every worker is gone by now. If we got here through an error, kill
+            # them: multiprocessing joins live children at exit, and ours would wait for a
+            # pipe that only closes when we do.
+            for slot in self._slots:
+                slot.kill()
             self._signals.uninstall(loop)
             await self.pool.close()
         return self._exit_code
