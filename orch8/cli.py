@@ -2,7 +2,7 @@
 
     orch8 nodes | drain NODE [--wait] | queue
     orch8 sequences apply FILE | list | get NAME [--version N]
-    orch8 run SEQUENCE [--input JSON] [--wait]
+    orch8 run SEQUENCE [--input JSON] [--priority P] [--delay-ms MS] [--wait]
     orch8 instances list [--state S] | get ID | cancel ID | retry ID
     orch8 rate-limits set HANDLER --max N --window-ms MS | list | delete HANDLER
     orch8 migrate
@@ -96,6 +96,7 @@ def _add_instances(top: Any, common: list[argparse.ArgumentParser]) -> None:
     run.add_argument("--input", type=_json_object, default={}, metavar="JSON")
     run.add_argument("--priority", choices=["low", "normal", "high", "critical"])
     run.add_argument("--idempotency-key", metavar="KEY")
+    run.add_argument("--delay-ms", type=_positive, metavar="MS", help="start this much later")
     run.add_argument("--wait", action="store_true", help="follow it until it finishes")
     run.add_argument("--timeout", type=_seconds, default=600.0, metavar="SECONDS")
     run.set_defaults(run=commands.run)

@@ -70,7 +70,13 @@ def drain(args: argparse.Namespace, remote: Remote) -> int:
     deadline = time.monotonic() + args.timeout
     last = None
     while time.monotonic() < deadline:
-        node = _find_node(remote, args.node)
+        try:
+            node = _find_node(remote, args.node)
+        except RemoteError as error:
+            # Draining the very node we talk to: once it has left, its API is gone too.
+            if error.status is not None or last is None:
+                raise
+            node = None
         if node is None or node.get("state") in ("dead", "left", "stopped"):
             _show(args, {"node": args.node, "left": True}, f"node {args.node} has left")
             return EXIT_OK
@@ -163,6 +169,8 @@ def run(args: argparse.Namespace, remote: Remote) -> int:
         body["priority"] = args.priority
     if args.idempotency_key:
         body["idempotency_key"] = args.idempotency_key
+    if args.delay_ms:
+        body["delay_ms"] = args.delay_ms
     created = remote.post("/instances", body)
     if not args.wait:
         note = " (already started with this idempotency key)" if created["deduplicated"] else ""
