@@ -31,7 +31,8 @@ from orch8.store.nodes import Registration
 log = logging.getLogger("orch8.supervisor.heartbeat")
 
 CONNECT_TIMEOUT_S = 5
-DRAIN_CHANNEL = "orch8_drain"
+# NOTIFY orch8_drain, <node id>: sent by `nodes.request_drain` from any node.
+LISTEN_DRAIN = "LISTEN orch8_drain"
 # Dead rows stay listed this long so an operator can see what died.
 KEEP_DEAD_S = 3600.0
 
@@ -130,7 +131,7 @@ class Heartbeat:
             try:
                 async with await psycopg.AsyncConnection.connect(
                         self._dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S) as conn:
-                    await conn.execute(f"LISTEN {DRAIN_CHANNEL}")
+                    await conn.execute(LISTEN_DRAIN)
                     async for notify in conn.notifies():
                         if notify.payload == self._owner.node_id:
                             self.wake()
