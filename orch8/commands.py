@@ -186,7 +186,7 @@ def _follow(remote: Remote, instance_id: str, timeout_s: float) -> dict[str, Any
     started = time.monotonic()
     last = None
     while True:
-        instance = remote.get(f"/instances/{_segment(instance_id)}")
+        instance: dict[str, Any] = remote.get(f"/instances/{_segment(instance_id)}")
         shown = (f"{instance['state']}, step {instance['step_index']}, "
                  f"attempt {instance['attempt']}")
         if shown != last:

@@ -83,7 +83,8 @@ async def _conflict(request: Request, error: Exception) -> Response:
 async def _http_exception(request: Request, error: Exception) -> Response:
     assert isinstance(error, HTTPException)
     # Starlette's own 404 (no route) and 405 (wrong method) arrive here.
-    detail = {404: f"nothing at {request.url.path}", 405: f"method {request.method} not allowed here"}
+    detail = {404: f"nothing at {request.url.path}",
+              405: f"method {request.method} not allowed here"}
     headers = dict(error.headers or {})
     return error_response(error.status_code, detail.get(error.status_code, str(error.detail)),
                           headers)

@@ -44,7 +44,9 @@ class RateLimits:
         handler = parse_name(request.path_params["handler"], "handler")
         body = inputs.object_body(await inputs.read_json(request), LIMIT_FIELDS)
         try:
-            query = rate_limits.set_rate_limit(handler, body.get("max"), body.get("window_ms"))
+            # The store validates both numbers (types included) and names the field.
+            query = rate_limits.set_rate_limit(handler, body.get("max"),  # type: ignore[arg-type]
+                                               body.get("window_ms"))  # type: ignore[arg-type]
         except DefinitionError as error:
             field = "max" if error.field == "max_calls" else error.field
             raise DefinitionError(field, error.message) from None

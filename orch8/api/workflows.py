@@ -109,7 +109,7 @@ class Workflows:
         return await self._page(request, state=State.FAILED, sequence=sequence)
 
     async def _page(self, request: Request, **filters: Any) -> Response:
-        limit = inputs.query_int(request, "limit", DEFAULT_PAGE, 1, MAX_PAGE)
+        limit = inputs.query_int(request, "limit", DEFAULT_PAGE, 1, MAX_PAGE) or DEFAULT_PAGE
         before = inputs.query_uuid(request, "before")
         found = await self.run(instances.list_instances(before=before, limit=limit, **filters))
         # A full page may have more behind it: `next` is the cursor for it.
