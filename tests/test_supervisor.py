@@ -235,14 +235,17 @@ def test_sigterm_drains_in_flight_steps_then_deregisters(cluster: Cluster, db: s
 
 
 def test_drain_request_sent_to_another_node(cluster: Cluster, db: str) -> None:
-    a = cluster.start("node-a", **ONE_AT_A_TIME)
-    b = cluster.start("node-b", **ONE_AT_A_TIME)
+    # A slow heartbeat: acting within the second below proves the NOTIFY reached node-a.
+    # The threshold is the cluster's: every node must use the same one.
+    a = cluster.start("node-a", ORCH8_HEARTBEAT_INTERVAL_SECS="10",
+                      ORCH8_STALE_THRESHOLD_SECS="30", **ONE_AT_A_TIME)
+    b = cluster.start("node-b", ORCH8_STALE_THRESHOLD_SECS="30", **ONE_AT_A_TIME)
     ids = start_instances(db, 6, ms=2000)
     wait_until(lambda: in_flight_on(db, "node-a"), 20, "node-a to run something")
     response = b.post("/cluster/nodes/node-a/drain")
     assert response.status_code == 200 and response.content == b""
     assert b.post("/cluster/nodes/node-a/drain").status_code == 200, "idempotent"
-    wait_until(lambda: a.ready_status() == 503, 2, "node-a to stop being ready", 0.05)
+    wait_until(lambda: a.ready_status() == 503, 1.5, "node-a to stop being ready", 0.05)
     assert {n["id"]: n["state"] for n in b.get("/cluster/nodes").json()}["node-a"] == "draining"
     assert a.wait_exit(30) == 0, a.log()
     assert node_row(db, "node-a") is None
