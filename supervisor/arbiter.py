@@ -25,7 +25,7 @@ from orch8.config import Settings
 from orch8.ids import new_node_id
 from orch8.store.nodes import Registration
 from supervisor import http, reaping
-from supervisor.child import WorkerStart
+from supervisor.child import BOOT_FAILED_EXIT, WorkerStart
 from supervisor.heartbeat import Heartbeat
 from supervisor.phase import Phase
 from supervisor.protocol import BootFailed, Drain, Hurry, ProtocolError, Report, decode
@@ -40,7 +40,7 @@ DRAIN_GRACE_S = 10.0
 STOP_GRACE_S = 10.0
 HEARTBEAT_STOP_S = 10.0
 
-EXIT_OK, EXIT_FAILED, EXIT_BOOT_FAILED = 0, 1, 3
+EXIT_OK, EXIT_FAILED, EXIT_BOOT_FAILED = 0, 1, BOOT_FAILED_EXIT
 
 
 @dataclass(frozen=True)

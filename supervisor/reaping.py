@@ -42,7 +42,7 @@ async def reap(node: Supervisor, slots: list[WorkerSlot]) -> None:
         slot.pending_release = slot.incarnation
         await release(node, slot)
         if code == BOOT_FAILED_EXIT and node.failure is None:
-            node.fail(f"worker {slot.number} failed at boot", exit_code=3)
+            node.fail(f"worker {slot.number} failed at boot", exit_code=BOOT_FAILED_EXIT)
         elif node.phase is Phase.ACTIVE:
             _plan_restart(slot, retired)
 

@@ -13,7 +13,7 @@ import os
 import signal
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
 from multiprocessing.context import ForkServerContext, SpawnContext
 from multiprocessing.process import BaseProcess
@@ -103,7 +103,7 @@ class WorkerSlot:
             self.pipe.close()
         self.process, self.pipe = None, None
         if self.latest is not None:
-            self.latest = WorkerReport(**{**self.latest.__dict__, "alive": False})
+            self.latest = replace(self.latest, alive=False)
         return describe_exit(code)
 
     def schedule_restart(self) -> float:
