@@ -24,7 +24,7 @@ from orch8.api.node import ReportListener, WorkerReport
 from orch8.config import Settings
 from orch8.ids import new_node_id
 from orch8.store.nodes import Registration
-from supervisor import http, reaping
+from supervisor import http, reaping, systemd
 from supervisor.child import BOOT_FAILED_EXIT, WorkerStart
 from supervisor.heartbeat import Heartbeat
 from supervisor.phase import Phase
@@ -82,6 +82,8 @@ class Supervisor:
         self._database_ok = False
         self._exit_code = EXIT_OK
         self.failure: str | None = None
+        # Whether systemd (Type=notify) has been told the node is ready.
+        self._announced = False
 
     # -- NodeView ---------------------------------------------------------------------
 
@@ -193,6 +195,9 @@ class Supervisor:
             self._enforce_grace()
             if self._phase is Phase.ACTIVE:
                 await self._spawn_due()
+            if not self._announced and self.is_ready():
+                systemd.notify(f"READY=1\nSTATUS=node {self.node_id} ready")
+                self._announced = True
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), TICK_S)
@@ -258,6 +263,8 @@ class Supervisor:
     def _set_phase(self, phase: Phase) -> None:
         self._phase, self._phase_since = phase, time.monotonic()
         self._wake.set()
+        if phase.leaving:
+            systemd.notify(f"STOPPING=1\nSTATUS=node {self.node_id} {phase.value}")
 
     def _kill_all(self, reason: str) -> None:
         log.warning("killing every worker (%s)", reason)

@@ -312,6 +312,19 @@ def test_drain_timeout_releases_what_still_runs(cluster: Cluster, db: str) -> No
     assert node_row(db, "node-a") is None
 
 
+def test_systemd_is_told_when_ready_and_when_stopping(cluster: Cluster, db: str,
+                                                     tmp_path: Path) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as systemd:
+        systemd.bind(str(tmp_path / "notify"))
+        systemd.settimeout(30)
+        node = cluster.start("node-a", wait_ready=False, NOTIFY_SOCKET=str(tmp_path / "notify"))
+        ready = systemd.recv(1000).decode()
+        assert ready.startswith("READY=1") and node.ready_status() == 200
+        node.signal(signal.SIGTERM)
+        assert systemd.recv(1000).decode().startswith("STOPPING=1")
+        assert node.wait_exit(20) == 0
+
+
 def test_workers_exit_when_the_supervisor_dies(cluster: Cluster, db: str) -> None:
     node = cluster.start("node-a")
     assert len(node.worker_pids()) == 2
