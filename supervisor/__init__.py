@@ -8,6 +8,7 @@
 - `protocol`: the messages on the pipe between the two.
 - `signals`: the signal table; handlers that only record.
 - `http`: the API served by hypercorn inside the supervisor.
+- `systemd`: readiness notifications when run as a `Type=notify` unit.
 
 `orch8/` never imports this package: the library knows nothing of processes.
 """
