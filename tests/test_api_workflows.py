@@ -250,7 +250,7 @@ def test_list_filters_and_pages(api: httpx.Client, name: str) -> None:
 @pytest.mark.parametrize("params", [
     {"state": "sleeping"}, {"before": "yesterday"}, {"limit": 0}, {"limit": 1001},
     {"limit": "ten"}, {"limit": "9" * 40}, {"limit": "-1"}, {"colour": "red"},
-    {"sequence": "bad name!"},
+    {"sequence": "bad name!"}, {"concurrency_key": "a\x00b"}, {"concurrency_key": ""},
 ])
 def test_list_refuses_bad_parameters(api: httpx.Client, params: dict) -> None:
     for path in ("/instances", "/instances/dlq"):

@@ -109,6 +109,8 @@ def check_query(request: Request, allowed: set[str]) -> None:
     for name, value in request.query_params.multi_items():
         if value == "":
             raise ApiError(400, f"{name}: must not be empty")
+        if "\x00" in value:  # PostgreSQL text cannot hold it: refuse rather than fail
+            raise ApiError(400, f"{name}: must not contain U+0000")
 
 
 def _is_count(raw: str) -> bool:
