@@ -98,7 +98,7 @@ def _has_nul(value: object) -> bool:
 
 
 @schema.parametrize()
-@settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
 def test_api_conforms(case: schemathesis.Case, node: Node) -> None:
     excluded = []
     if (case.method, case.path) == ("POST", "/sequences"):
