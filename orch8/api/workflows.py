@@ -76,8 +76,8 @@ class Workflows:
         inputs.reject_nulls(body)
         new = parse_new_instance(body)
         created = await self.run(instances.create_instance(new))
-        body = {"id": created.id, "deduplicated": created.deduplicated}
-        return json_response(body, 200 if created.deduplicated else 201)
+        answer = {"id": created.id, "deduplicated": created.deduplicated}
+        return json_response(answer, 200 if created.deduplicated else 201)
 
     async def create_batch(self, request: Request) -> Response:
         raw = await inputs.read_json(request, inputs.MAX_BATCH_BODY_BYTES)
