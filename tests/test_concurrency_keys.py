@@ -112,43 +112,46 @@ def test_a_freed_slot_goes_to_the_next_waiter_by_priority_then_due_time(client, 
     assert order == [first, high_old, high_new, low]
 
 
-EXITS = ["complete", "fail", "retry_later", "wait", "release_unstarted", "release_owner",
-         "cancel", "stale_sweep", "delete"]
+def stale_sweep(dsn: str, conn: psycopg.Connection, client: Client, running: Claimed,
+                who: Owner) -> None:
+    """What the node sweep does to a dead node's claims: any UPDATE out of `running`."""
+    conn.execute("UPDATE instances SET state = 'scheduled', claim_epoch = claim_epoch + 1 "
+                 "WHERE claim_incarnation = %s", (who.incarnation,))
 
 
-@pytest.mark.parametrize("exit_path", EXITS)
+# Every way an instance leaves `running`: (dsn, conn, client, claimed, owner) -> None.
+EXITS: dict[str, Any] = {
+    "complete": lambda dsn, conn, client, c, who: finish(dsn, c),
+    "fail": lambda dsn, conn, client, c, who: write(dsn, claims.fail, c, "boom"),
+    "retry_later": lambda dsn, conn, client, c, who: write(
+        dsn, claims.retry_later, c, "boom", 60_000),
+    "wait": lambda dsn, conn, client, c, who: write(dsn, claims.wait, c, 60_000),
+    "release_unstarted": lambda dsn, conn, client, c, who: write(
+        dsn, claims.release_unstarted, [c]),
+    "release_owner": lambda dsn, conn, client, c, who: claims.release_owner(
+        conn, who.incarnation),
+    "cancel": lambda dsn, conn, client, c, who: client.cancel(c.id),
+    "stale_sweep": stale_sweep,
+    "delete": lambda dsn, conn, client, c, who: conn.execute(
+        "DELETE FROM instances WHERE id = %s", (c.id,)),
+}
+
+
+@pytest.mark.parametrize("exit_path", sorted(EXITS))
 def test_every_way_out_of_running_frees_the_slot_and_wakes_a_waiter(
         client, dsn, conn, exit_path):
     start(client, "k", 1, count=2)
     who = owner()
     [running] = claim(dsn, 10, who)
     assert usage(conn, "k") == KeyUsage("k", slots=1, running=1, waiting=1)
-    if exit_path == "complete":
-        assert finish(dsn, running)
-    elif exit_path == "fail":
-        assert write(dsn, claims.fail, running, "boom")
-    elif exit_path == "retry_later":
-        assert write(dsn, claims.retry_later, running, "boom", 60_000)
-    elif exit_path == "wait":
-        assert write(dsn, claims.wait, running, 60_000)
-    elif exit_path == "release_unstarted":
-        assert write(dsn, claims.release_unstarted, [running]) == 1
-    elif exit_path == "release_owner":
-        assert claims.release_owner(conn, who.incarnation) == 1
-    elif exit_path == "cancel":
-        client.cancel(running.id)
-    elif exit_path == "stale_sweep":
-        # What the node sweep does to a dead node's claims: any UPDATE out of `running`.
-        conn.execute("UPDATE instances SET state = 'scheduled', claim_epoch = claim_epoch + 1 "
-                     "WHERE claim_incarnation = %s", (who.incarnation,))
-    elif exit_path == "delete":
-        conn.execute("DELETE FROM instances WHERE id = %s", (running.id,))
+    EXITS[exit_path](dsn, conn, client, running, who)
+    assert client.list(state=State.RUNNING) == []
     state = usage(conn, "k")
     assert state is not None and state.running == 0 and state.waiting == 0
     # The woken waiter (or the released instance itself) is claimable at once.
     [again] = claim(dsn, 10)
     assert usage(conn, "k").running == 1  # type: ignore[union-attr]
-    if exit_path in ("complete", "fail", "cancel", "delete", "retry_later", "wait"):
+    if exit_path not in ("release_unstarted", "release_owner", "stale_sweep"):
         assert again.id != running.id
 
 

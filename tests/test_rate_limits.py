@@ -102,7 +102,8 @@ def test_a_full_window_defers_the_step_without_failing_or_counting_it(client, ds
     assert all(a.held for a in answers)
     deferred = [a.deferred_until for a in answers[3:]]
     # Booked a minute out (when the oldest call leaves the window), one interval apart.
-    gaps = [(later - earlier).total_seconds() for earlier, later in zip(deferred, deferred[1:])]
+    gaps = [(later - earlier).total_seconds()
+            for earlier, later in zip(deferred, deferred[1:], strict=False)]
     assert gaps == [pytest.approx(20.0, abs=0.01)] * 2
     rows = conn.execute("""
         SELECT state, attempt, delay_done, claimed_by, last_error,
@@ -155,7 +156,7 @@ def test_workers_call_a_limited_handler_at_most_max_per_sliding_window(client, d
     assert len(calls) == 16
     # Any 5 consecutive calls span at least a window: never 5 calls in 400 ms. (Handler
     # start times, taken in Python just after the admission stamped the slot.)
-    closest = min(b - a for a, b in zip(calls, calls[4:]))
+    closest = min(b - a for a, b in zip(calls, calls[4:], strict=False))
     print(f"\nclosest 5 calls span {closest * 1000:.1f} ms (window 400 ms)")
     assert closest >= 0.4
     assert sum(worker.stats.counts["rate_limited"] for worker in team) > 0
