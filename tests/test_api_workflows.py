@@ -169,6 +169,8 @@ def test_create_instance_and_idempotency(api: httpx.Client, node: Node, name: st
     ({"delay_ms": 1.5}, 422, "delay_ms"),
     ({"run_at": "yesterday"}, 422, "run_at"),
     ({"run_at": "2030-01-01T00:00:00"}, 422, "run_at"),
+    ({"run_at": "0001-01-01T00:00:00+14:00"}, 422, "run_at"),
+    ({"run_at": "9999-12-31T23:00:00-05:00"}, 422, "run_at"),
     ({"max_concurrency": 2}, 422, "max_concurrency"),
     ({"colour": "red"}, 422, "colour: unknown field"),
     ({"input": {"text": "a\u0000b"}}, 422, "U+0000"),
