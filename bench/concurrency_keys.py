@@ -1,0 +1,144 @@
+"""The cost of concurrency keys: unkeyed throughput with and without a saturated key.
+
+    python bench/concurrency_keys.py [--instances 10000] [--hot 2000] [--runs 3]
+
+Each run drains a backlog of one-step `noop` instances (no key) with 2 worker processes
+and reports their rate (instances/s, from the first claim to the last completion, by the
+database clock). The "saturated" runs add, at critical priority so that they sit at the
+head of the claim index, `--hot` instances of one key with max_concurrency 2 whose step
+sleeps 50 ms: the key stays full for the whole run and its waiters are parked. The
+median of the runs is reported for both; the last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import statistics
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psycopg
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+
+from orch8.config import Settings  # noqa: E402
+from orch8.engine.worker import Worker  # noqa: E402
+from orch8.store.claims import Owner  # noqa: E402
+
+BATCH = 50
+HOT_CAP = 2
+
+HOT_SEQUENCE = """
+INSERT INTO sequences (name, version, steps) VALUES ('hot', 1,
+    '[{"id": "only", "handler": "sleep", "params": {"ms": 50}}]')
+"""
+
+# Due at the same moment as the unkeyed backlog (released together), but at critical
+# priority: every claim meets the hot key first.
+HOT_BACKLOG = """
+INSERT INTO instances (id, sequence_name, sequence_version, priority, next_fire_at,
+                       concurrency_key, max_concurrency)
+SELECT gen_random_uuid(), 'hot', 1, 3, 'infinity', 'hot', %(cap)s
+FROM generate_series(1, %(count)s)
+"""
+
+UNKEYED_RATE = """
+SELECT count(*), extract(epoch FROM max(finished_at) - min(claimed_at))
+FROM instances WHERE concurrency_key IS NULL AND state = 'completed'
+"""
+
+
+def worker_process(dsn: str, slot: int, ready: Any, stop: Any) -> None:
+    settings = Settings(batch_size=BATCH, tick_interval_ms=100, max_in_flight=2 * BATCH)
+
+    async def main() -> None:
+        stopping = asyncio.Event()
+        worker = Worker(settings, dsn, Owner("bench", uuid.UUID(int=1), slot))
+        task = asyncio.create_task(worker.run(stopping))
+        ready.release()
+        while not stop.is_set():
+            await asyncio.sleep(0.05)
+        stopping.set()
+        await task
+
+    asyncio.run(main())
+
+
+def unkeyed_rate(dsn: str, count: int) -> float | None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(UNKEYED_RATE).fetchone()
+    done, seconds = row if row else (0, None)
+    if done < count or not seconds:
+        return None
+    return count / float(seconds)
+
+
+def one_run(server: str, count: int, hot: int) -> float:
+    dsn = _common.scratch_database(server)
+    try:
+        _common.park_backlog(dsn, count)
+        if hot:
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                conn.execute(HOT_SEQUENCE)
+                conn.execute(HOT_BACKLOG, {"cap": HOT_CAP, "count": hot})
+                conn.execute("ANALYZE instances")
+        context = multiprocessing.get_context("spawn")
+        ready, stop = context.Semaphore(0), context.Event()
+        children = [context.Process(target=worker_process, args=(dsn, slot, ready, stop))
+                    for slot in range(2)]
+        for child in children:
+            child.start()
+        for _ in children:
+            ready.acquire()
+        time.sleep(0.5)  # let every worker open its pool and reach its idle wait
+        _common.release_backlog(dsn)
+        deadline = time.monotonic() + 300
+        rate = None
+        while rate is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+            rate = unkeyed_rate(dsn, count)
+        stop.set()
+        for child in children:
+            child.join(30)
+            if child.is_alive():
+                child.kill()
+        if rate is None:
+            raise RuntimeError("unkeyed backlog not drained within 300 s")
+        return rate
+    finally:
+        _common.drop_database(server, dsn)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--instances", type=int, default=10_000)
+    parser.add_argument("--hot", type=int, default=2_000)
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    server = _common.server_dsn()
+    result: dict[str, float | int] = {"instances": args.instances, "hot": args.hot,
+                                      "hot_max_concurrency": HOT_CAP, "runs": args.runs}
+    # Alternate the two cases so that a change in machine load hits both alike.
+    rates: dict[str, list[float]] = {"plain": [], "saturated": []}
+    for _ in range(args.runs):
+        for name, hot in (("plain", 0), ("saturated", args.hot)):
+            rates[name].append(one_run(server, args.instances, hot))
+    for name, found in rates.items():
+        median = statistics.median(found)
+        result[f"unkeyed_{name}_per_s"] = round(median, 1)
+        print(f"unkeyed work, {name:9}: median {median:8.1f}/s "
+              f"(runs: {', '.join(f'{r:.0f}' for r in found)})", flush=True)
+    cost = 1 - float(result["unkeyed_saturated_per_s"]) / float(result["unkeyed_plain_per_s"])
+    result["cost"] = round(cost, 3)
+    print(orjson.dumps(result).decode())
+
+
+if __name__ == "__main__":
+    main()
