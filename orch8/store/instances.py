@@ -259,10 +259,15 @@ def retry_instance(instance_id: uuid.UUID) -> Query[None]:
     return _transition(RETRY, instance_id, "retry")
 
 
-# Reads only the claim index (scheduled rows), so it stays cheap on a large history.
+# Reads only the claim index and the slot-waiter index (scheduled rows), so it stays
+# cheap on a large history. Instances waiting for a concurrency slot count as due.
 QUEUE_DEPTH = """
-SELECT priority, count(*) AS due FROM instances
-WHERE state = 'scheduled' AND next_fire_at <= now()
+SELECT priority, count(*) AS due FROM (
+    SELECT priority FROM instances
+    WHERE state = 'scheduled' AND NOT waiting_for_slot AND next_fire_at <= now()
+    UNION ALL
+    SELECT priority FROM instances WHERE state = 'scheduled' AND waiting_for_slot
+) due
 GROUP BY priority
 """
 
