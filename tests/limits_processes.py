@@ -60,8 +60,8 @@ def timed_step(ctx: StepContext, params: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_worker(dsn: str, node_id: str, slot: int, settings: Settings,
-               stop: Any) -> None:
-    """A worker process's whole life: run until `stop` (a multiprocessing Event) is set."""
+               ready: Any, stop: Any) -> None:
+    """A worker process's whole life: say `ready` once started, run until `stop`."""
     global _recorder, _node_id
     _recorder, _node_id = psycopg.connect(dsn, autocommit=True), node_id
 
@@ -69,6 +69,8 @@ def run_worker(dsn: str, node_id: str, slot: int, settings: Settings,
         stopping = asyncio.Event()
         worker = Worker(settings, dsn, Owner(node_id, uuid.uuid4(), slot))
         running = asyncio.create_task(worker.run(stopping))
+        await asyncio.sleep(0.5)  # its pool open and its claim loop waiting
+        ready.release()
         while not stop.is_set() and not running.done():
             await asyncio.sleep(0.05)
         stopping.set()
@@ -79,17 +81,24 @@ def run_worker(dsn: str, node_id: str, slot: int, settings: Settings,
 
 @contextmanager
 def worker_processes(dsn: str, nodes: list[str], settings: Settings) -> Iterator[None]:
-    """Run one worker process per entry of `nodes` (a node id each) while inside."""
+    """Run one worker process per entry of `nodes` (a node id each) while inside.
+
+    Work created inside the block finds every worker already up and idle.
+    """
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(OBSERVED)
     context = multiprocessing.get_context("spawn")
-    stop = context.Event()
-    processes = [context.Process(target=run_worker, args=(dsn, node, slot, settings, stop),
+    ready, stop = context.Semaphore(0), context.Event()
+    processes = [context.Process(target=run_worker,
+                                 args=(dsn, node, slot, settings, ready, stop),
                                  name=f"worker-{node}-{slot}")
                  for slot, node in enumerate(nodes)]
     for process in processes:
         process.start()
     try:
+        for _ in processes:
+            if not ready.acquire(timeout=60):
+                raise TimeoutError("a worker process did not start")
         yield
     finally:
         stop.set()
