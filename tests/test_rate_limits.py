@@ -10,10 +10,12 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg_pool import AsyncConnectionPool
 
 import orch8
 from orch8 import Client, State, StepContext
 from orch8.config import Settings
+from orch8.engine.limits import LimitWatch
 from orch8.errors import DefinitionError, NotFound
 from orch8.store import claims, rate_limits
 from orch8.store.claims import Claimed, Owner
@@ -67,6 +69,26 @@ def test_set_list_replace_and_delete(client):
     with pytest.raises(NotFound):
         client.delete_rate_limit("mail")
     assert [r.handler for r in client.list_rate_limits()] == ["sms"]
+
+
+def test_workers_learn_of_limits_from_the_database(client, dsn):
+    async def seen() -> list[bool]:
+        pool = AsyncConnectionPool(dsn, min_size=1, max_size=1, open=False,
+                                   kwargs={"autocommit": True})
+        await pool.open()
+        watch = LimitWatch(pool)
+        answers = []
+        try:
+            for change in (lambda: None, lambda: client.set_rate_limit("h", 1, 1000),
+                           lambda: client.delete_rate_limit("h")):
+                await asyncio.to_thread(change)
+                await watch.run_once()
+                answers.append(watch.applies("h"))
+        finally:
+            await pool.close()
+        return answers
+
+    assert asyncio.run(seen()) == [False, True, False]
 
 
 def running_instances(conn: psycopg.Connection, count: int) -> list[Claimed]:
