@@ -168,7 +168,7 @@ async def _claim_round(
         rows = await cursor.fetchall()
     parked = int(rows[0]["parked"]) if rows else 0
     claimed = [
-        Claimed(**({k: v for k, v in row.items() if k != "parked"}
+        Claimed(**({name: value for name, value in row.items() if name != "parked"}
                    | {"priority": Priority(row["priority"])}))
         for row in rows if row["id"] is not None
     ]
