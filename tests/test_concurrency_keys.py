@@ -10,7 +10,7 @@ import psycopg
 import pytest
 
 from orch8 import Client, State
-from orch8.store import claims, concurrency
+from orch8.store import claims, concurrency, nodes
 from orch8.store.claims import Claimed, Owner, StepDone
 from orch8.store.concurrency import KeyUsage
 
@@ -114,9 +114,12 @@ def test_a_freed_slot_goes_to_the_next_waiter_by_priority_then_due_time(client, 
 
 def stale_sweep(dsn: str, conn: psycopg.Connection, client: Client, running: Claimed,
                 who: Owner) -> None:
-    """What the node sweep does to a dead node's claims: any UPDATE out of `running`."""
-    conn.execute("UPDATE instances SET state = 'scheduled', claim_epoch = claim_epoch + 1 "
-                 "WHERE claim_incarnation = %s", (who.incarnation,))
+    """The owner's node stops heartbeating; another node's stale sweep releases its claims."""
+    conn.execute("""
+        INSERT INTO cluster_nodes (id, incarnation, hostname, pid, workers, last_heartbeat)
+        VALUES (%s, %s, 'h', 1, 1, now() - interval '1 hour')""",
+                 (who.node_id, who.incarnation))
+    assert nodes.sweep_stale(60.0).run(conn).released == 1
 
 
 # Every way an instance leaves `running`: (dsn, conn, client, claimed, owner) -> None.
