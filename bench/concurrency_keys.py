@@ -1,12 +1,14 @@
 """The cost of concurrency keys: unkeyed throughput with and without a saturated key.
 
     python bench/concurrency_keys.py [--instances 10000] [--hot 2000] [--runs 3]
+                                     [--hot-cap 2] [--hot-step-ms 50]
 
 Each run drains a backlog of one-step `noop` instances (no key) with 2 worker processes
 and reports their rate (instances/s, from the first claim to the last completion, by the
 database clock). The "saturated" runs add, at critical priority so that they sit at the
-head of the claim index, `--hot` instances of one key with max_concurrency 2 whose step
-sleeps 50 ms: the key stays full for the whole run and its waiters are parked. The
+head of the claim index, `--hot` instances of one key (max_concurrency `--hot-cap`) whose
+step sleeps `--hot-step-ms`: the key stays full for the whole run and its waiters are
+parked. The
 median of the runs is reported for both; the last line is one JSON object.
 """
 
@@ -33,11 +35,11 @@ from orch8.engine.worker import Worker  # noqa: E402
 from orch8.store.claims import Owner  # noqa: E402
 
 BATCH = 50
-HOT_CAP = 2
 
 HOT_SEQUENCE = """
-INSERT INTO sequences (name, version, steps) VALUES ('hot', 1,
-    '[{"id": "only", "handler": "sleep", "params": {"ms": 50}}]')
+INSERT INTO sequences (name, version, steps) VALUES ('hot', 1, jsonb_build_array(
+    jsonb_build_object('id', 'only', 'handler', 'sleep',
+                       'params', jsonb_build_object('ms', %(step_ms)s::int))))
 """
 
 # Due at the same moment as the unkeyed backlog (released together), but at critical
@@ -80,14 +82,14 @@ def unkeyed_rate(dsn: str, count: int) -> float | None:
     return count / float(seconds)
 
 
-def one_run(server: str, count: int, hot: int) -> float:
+def one_run(server: str, count: int, hot: int, cap: int, step_ms: int) -> float:
     dsn = _common.scratch_database(server)
     try:
         _common.park_backlog(dsn, count)
         if hot:
             with psycopg.connect(dsn, autocommit=True) as conn:
-                conn.execute(HOT_SEQUENCE)
-                conn.execute(HOT_BACKLOG, {"cap": HOT_CAP, "count": hot})
+                conn.execute(HOT_SEQUENCE, {"step_ms": step_ms})
+                conn.execute(HOT_BACKLOG, {"cap": cap, "count": hot})
                 conn.execute("ANALYZE instances")
         context = multiprocessing.get_context("spawn")
         ready, stop = context.Semaphore(0), context.Event()
@@ -121,15 +123,19 @@ def main() -> None:
     parser.add_argument("--instances", type=int, default=10_000)
     parser.add_argument("--hot", type=int, default=2_000)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--hot-cap", type=int, default=2)
+    parser.add_argument("--hot-step-ms", type=int, default=50)
     args = parser.parse_args()
     server = _common.server_dsn()
     result: dict[str, float | int] = {"instances": args.instances, "hot": args.hot,
-                                      "hot_max_concurrency": HOT_CAP, "runs": args.runs}
+                                      "hot_max_concurrency": args.hot_cap,
+                                      "hot_step_ms": args.hot_step_ms, "runs": args.runs}
     # Alternate the two cases so that a change in machine load hits both alike.
     rates: dict[str, list[float]] = {"plain": [], "saturated": []}
     for _ in range(args.runs):
         for name, hot in (("plain", 0), ("saturated", args.hot)):
-            rates[name].append(one_run(server, args.instances, hot))
+            rates[name].append(
+                one_run(server, args.instances, hot, args.hot_cap, args.hot_step_ms))
     for name, found in rates.items():
         median = statistics.median(found)
         result[f"unkeyed_{name}_per_s"] = round(median, 1)
