@@ -6,7 +6,7 @@ so a bad field gets the same message (naming the field) whichever way it arrived
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -21,7 +21,9 @@ INSTANCE_FIELDS = {
 }
 MAX_KEY_CHARS = 256
 MAX_INPUT_BYTES = 1_000_000
-MAX_CONCURRENCY = 1_000_000
+# Each slot of a key is a row the claim may lock; a key wider than this is better left
+# unkeyed (the worker's in-flight limit already bounds it).
+MAX_CONCURRENCY = 1_000
 
 
 def parse_new_instance(body: Any) -> NewInstance:
@@ -91,4 +93,10 @@ def _optional_time(body: dict[str, Any], name: str) -> datetime | None:
         raise DefinitionError(name, "must be an ISO 8601 timestamp")
     if moment.tzinfo is None:
         raise DefinitionError(name, "must include a time zone (e.g. Z or +00:00)")
+    try:
+        # PostgreSQL would store a moment that is past year 9999 (or before year 1) in UTC,
+        # but no Python reader could load the row back.
+        moment.astimezone(UTC)
+    except OverflowError:
+        raise DefinitionError(name, "must fall within years 1 to 9999 in UTC") from None
     return moment

@@ -67,3 +67,14 @@ def test_a_new_definition_is_the_next_version_and_instances_pin_theirs(dsn):
             client.start("flow", version=3)
         with pytest.raises(NotFound):
             client.start("missing")
+
+
+def test_run_at_beyond_year_9999_in_utc_is_refused():
+    with pytest.raises(DefinitionError, match="years 1 to 9999"):
+        parse_new_instance({"sequence": "s", "run_at": "0001-01-01T00:00:00+14:00"})
+
+
+def test_max_concurrency_is_bounded():
+    with pytest.raises(DefinitionError) as raised:
+        parse_new_instance({"sequence": "s", "concurrency_key": "k", "max_concurrency": 1001})
+    assert raised.value.field == "max_concurrency"

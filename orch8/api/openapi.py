@@ -14,6 +14,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from orch8.api.errors import CODES, json_response
+from orch8.requests import MAX_CONCURRENCY
 
 Schema = dict[str, Any]
 
@@ -69,7 +70,7 @@ SCHEMAS: dict[str, Schema] = {
         "run_at": TIME,
         "idempotency_key": {"type": "string", "minLength": 1, "maxLength": 256},
         "concurrency_key": {"type": "string", "minLength": 1, "maxLength": 256},
-        "max_concurrency": {"type": "integer", "minimum": 1, "maximum": 1_000_000},
+        "max_concurrency": {"type": "integer", "minimum": 1, "maximum": MAX_CONCURRENCY},
     }, ["sequence"]) | {
         "description": "Give delay_ms or run_at, not both; concurrency_key and "
                        "max_concurrency go together.",

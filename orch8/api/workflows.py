@@ -8,7 +8,6 @@ raised and turned into responses by `orch8.api.errors`.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from datetime import UTC
 from typing import Any
 
 from starlette.requests import Request
@@ -75,7 +74,7 @@ class Workflows:
     async def create_instance(self, request: Request) -> Response:
         body = await inputs.read_json(request)
         inputs.reject_nulls(body)
-        new = _checked(parse_new_instance(body))
+        new = parse_new_instance(body)
         created = await self.run(instances.create_instance(new))
         answer = {"id": created.id, "deduplicated": created.deduplicated}
         return json_response(answer, 200 if created.deduplicated else 201)
@@ -145,20 +144,9 @@ def _parse_item(index: int, item: Any) -> instances.NewInstance:
     """Validate one batch entry; the error names its place in the list."""
     inputs.reject_nulls(item, f"instances[{index}].")
     try:
-        return _checked(parse_new_instance(item))
+        return parse_new_instance(item)
     except DefinitionError as error:
         raise DefinitionError(f"instances[{index}].{error.field}", error.message) from None
-
-
-def _checked(new: instances.NewInstance) -> instances.NewInstance:
-    """Refuse a `run_at` whose UTC time falls outside years 1-9999: PostgreSQL would
-    store it, but no Python reader (the API, the workers) could read the row back."""
-    if new.run_at is not None:
-        try:
-            new.run_at.astimezone(UTC)
-        except OverflowError:
-            raise DefinitionError("run_at", "must fall within years 1 to 9999 in UTC") from None
-    return new
 
 
 def _state(raw: str | None) -> State | None:
