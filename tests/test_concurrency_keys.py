@@ -237,3 +237,13 @@ def seq_scanned(node: dict[str, Any]) -> set[str]:
     for child in node.get("Plans", []):
         found |= seq_scanned(child)
     return found
+
+
+def test_queue_depth_counts_instances_waiting_for_a_slot(client, dsn, conn):
+    start(client, "k", 1, count=5, priority="high")
+    start(client, None, None, count=2)
+    start(client, None, None, count=3, priority="low", delay_ms=60_000)  # not due
+    assert len(claim(dsn, 10)) == 3  # one of the key, the two unkeyed
+    assert usage(conn, "k").waiting == 4  # type: ignore[union-attr]
+    assert client.queue_depth() == {"low": 0, "normal": 0, "high": 4, "critical": 0,
+                                    "total": 4}
