@@ -182,7 +182,9 @@ def _owner_params(owner: Owner) -> dict[str, Any]:
 OUTPUTS = "SELECT step_id, output FROM step_outputs WHERE instance_id = %(id)s"
 
 
-async def load_outputs(conn: psycopg.AsyncConnection[Any], instance_id: uuid.UUID) -> dict[str, Any]:
+async def load_outputs(
+    conn: psycopg.AsyncConnection[Any], instance_id: uuid.UUID
+) -> dict[str, Any]:
     """Outputs of the steps an instance already finished (for a claim that resumes it)."""
     cursor = await conn.execute(OUTPUTS, {"id": instance_id})
     return {step_id: output for step_id, output in await cursor.fetchall()}
