@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
+import multiprocessing
 import os
 import tempfile
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from psycopg.conninfo import make_conninfo
 
+from orch8.config import Settings
 from orch8.database import resolve_dsn
+from orch8.engine.worker import Worker
 from orch8.migrate import migrate
+from orch8.store.claims import Owner
 
 
 def server_dsn() -> str:
@@ -72,3 +80,51 @@ def drained_rate(dsn: str, count: int) -> float | None:
     if done < count or not seconds:
         return None
     return count / float(seconds)
+
+
+def engine_worker(dsn: str, slot: int, ready: Any, stop: Any, options: dict[str, Any]) -> None:
+    """A child process running one real `Worker` (settings from `options`) until `stop`."""
+    settings = Settings(**options)
+
+    async def main() -> None:
+        stopping = asyncio.Event()
+        worker = Worker(settings, dsn, Owner("bench", uuid.UUID(int=1), slot))
+        task = asyncio.create_task(worker.run(stopping))
+        ready.release()
+        while not stop.is_set():
+            await asyncio.sleep(0.05)
+        stopping.set()
+        await task
+
+    asyncio.run(main())
+
+
+def timed_drain(dsn: str, target: Callable[..., None], processes: int, options: dict[str, Any],
+                rate: Callable[[], float | None], timeout_s: float = 300) -> float:
+    """Start `processes` children running `target`, release the parked backlog once they
+    are all ready, and return `rate()` once it has a figure (the backlog is drained)."""
+    context = multiprocessing.get_context("spawn")
+    ready, stop = context.Semaphore(0), context.Event()
+    children = [context.Process(target=target, args=(dsn, slot, ready, stop, options))
+                for slot in range(processes)]
+    for child in children:
+        child.start()
+    try:
+        for _ in children:
+            ready.acquire()
+        time.sleep(0.5)  # let every worker open its pool and reach its idle wait
+        release_backlog(dsn)
+        deadline = time.monotonic() + timeout_s
+        figure = None
+        while figure is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+            figure = rate()
+    finally:
+        stop.set()
+        for child in children:
+            child.join(30)
+            if child.is_alive():
+                child.kill()
+    if figure is None:
+        raise RuntimeError(f"backlog not drained within {timeout_s:.0f} s")
+    return figure

@@ -15,24 +15,15 @@ median of the runs is reported for both; the last line is one JSON object.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import multiprocessing
 import statistics
 import sys
-import time
-import uuid
 from pathlib import Path
-from typing import Any
 
 import orjson
 import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
-
-from orch8.config import Settings  # noqa: E402
-from orch8.engine.worker import Worker  # noqa: E402
-from orch8.store.claims import Owner  # noqa: E402
 
 BATCH = 50
 
@@ -57,22 +48,6 @@ FROM instances WHERE concurrency_key IS NULL AND state = 'completed'
 """
 
 
-def worker_process(dsn: str, slot: int, ready: Any, stop: Any) -> None:
-    settings = Settings(batch_size=BATCH, tick_interval_ms=100, max_in_flight=2 * BATCH)
-
-    async def main() -> None:
-        stopping = asyncio.Event()
-        worker = Worker(settings, dsn, Owner("bench", uuid.UUID(int=1), slot))
-        task = asyncio.create_task(worker.run(stopping))
-        ready.release()
-        while not stop.is_set():
-            await asyncio.sleep(0.05)
-        stopping.set()
-        await task
-
-    asyncio.run(main())
-
-
 def unkeyed_rate(dsn: str, count: int) -> float | None:
     with psycopg.connect(dsn, autocommit=True) as conn:
         row = conn.execute(UNKEYED_RATE).fetchone()
@@ -91,29 +66,9 @@ def one_run(server: str, count: int, hot: int, cap: int, step_ms: int) -> float:
                 conn.execute(HOT_SEQUENCE, {"step_ms": step_ms})
                 conn.execute(HOT_BACKLOG, {"cap": cap, "count": hot})
                 conn.execute("ANALYZE instances")
-        context = multiprocessing.get_context("spawn")
-        ready, stop = context.Semaphore(0), context.Event()
-        children = [context.Process(target=worker_process, args=(dsn, slot, ready, stop))
-                    for slot in range(2)]
-        for child in children:
-            child.start()
-        for _ in children:
-            ready.acquire()
-        time.sleep(0.5)  # let every worker open its pool and reach its idle wait
-        _common.release_backlog(dsn)
-        deadline = time.monotonic() + 300
-        rate = None
-        while rate is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-            rate = unkeyed_rate(dsn, count)
-        stop.set()
-        for child in children:
-            child.join(30)
-            if child.is_alive():
-                child.kill()
-        if rate is None:
-            raise RuntimeError("unkeyed backlog not drained within 300 s")
-        return rate
+        options = {"batch_size": BATCH, "tick_interval_ms": 100, "max_in_flight": 2 * BATCH}
+        return _common.timed_drain(dsn, _common.engine_worker, 2, options,
+                                   lambda: unkeyed_rate(dsn, count))
     finally:
         _common.drop_database(server, dsn)
 

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import multiprocessing
 import statistics
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -25,7 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
 from orch8.config import Settings  # noqa: E402
-from orch8.engine.worker import Worker  # noqa: E402
 from orch8.store import claims  # noqa: E402
 from orch8.store.claims import Owner  # noqa: E402
 
@@ -42,24 +39,9 @@ SELECT id, 'only', '{}'::jsonb, 1 FROM done
 ENGINE_OPTIONS: dict[str, float] = {}
 
 
-def engine_process(dsn: str, slot: int, batch: int, ready, stop, options) -> None:  # type: ignore[no-untyped-def]
-    settings = Settings(batch_size=batch, tick_interval_ms=100, max_in_flight=2 * batch,
-                        **options)
+def raw_process(dsn: str, slot: int, ready, stop, options) -> None:  # type: ignore[no-untyped-def]
+    batch = options["batch_size"]
 
-    async def main() -> None:
-        stopping = asyncio.Event()
-        worker = Worker(settings, dsn, Owner("bench", uuid.UUID(int=1), slot))
-        task = asyncio.create_task(worker.run(stopping))
-        ready.release()
-        while not stop.is_set():
-            await asyncio.sleep(0.05)
-        stopping.set()
-        await task
-
-    asyncio.run(main())
-
-
-def raw_process(dsn: str, slot: int, batch: int, ready, stop, options) -> None:  # type: ignore[no-untyped-def]
     async def main() -> None:
         owner = Owner("raw", uuid.UUID(int=2), slot)
         async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
@@ -79,30 +61,10 @@ def one_run(server: str, target, processes: int, count: int, batch: int) -> floa
     dsn = _common.scratch_database(server)
     try:
         _common.park_backlog(dsn, count)
-        context = multiprocessing.get_context("spawn")
-        ready, stop = context.Semaphore(0), context.Event()
-        children = [context.Process(target=target,
-                                    args=(dsn, slot, batch, ready, stop, ENGINE_OPTIONS))
-                    for slot in range(processes)]
-        for child in children:
-            child.start()
-        for _ in children:
-            ready.acquire()
-        time.sleep(0.5)  # let every worker open its pool and reach its idle wait
-        _common.release_backlog(dsn)
-        deadline = time.monotonic() + 300
-        rate = None
-        while rate is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-            rate = _common.drained_rate(dsn, count)
-        stop.set()
-        for child in children:
-            child.join(30)
-            if child.is_alive():
-                child.kill()
-        if rate is None:
-            raise RuntimeError("backlog not drained within 300 s")
-        return rate
+        options = {"batch_size": batch, "tick_interval_ms": 100, "max_in_flight": 2 * batch,
+                   **ENGINE_OPTIONS}
+        return _common.timed_drain(dsn, target, processes, options,
+                                   lambda: _common.drained_rate(dsn, count))
     finally:
         _common.drop_database(server, dsn)
 
@@ -123,7 +85,7 @@ def main() -> None:
                                       "runs": args.runs, "linger_ms": args.linger_ms,
                                       "commit_max_batch": args.commit_max_batch}
     for processes in (1, 2):
-        for name, target in (("engine", engine_process), ("raw", raw_process)):
+        for name, target in (("engine", _common.engine_worker), ("raw", raw_process)):
             rates = [one_run(server, target, processes, args.instances, args.batch)
                      for _ in range(args.runs)]
             median = statistics.median(rates)
