@@ -98,7 +98,9 @@ def _has_nul(value: object) -> bool:
 
 
 @schema.parametrize()
-@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+# Derandomized: CI sees the same examples every run, so a failure there reproduces here.
+@settings(max_examples=25, deadline=None, derandomize=True,
+          suppress_health_check=list(HealthCheck))
 def test_api_conforms(case: schemathesis.Case, node: Node) -> None:
     excluded = []
     if (case.method, case.path) == ("POST", "/sequences"):

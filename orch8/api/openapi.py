@@ -38,6 +38,9 @@ PRIORITY: Schema = {"type": "string", "enum": ["low", "normal", "high", "critica
 STATE: Schema = {"type": "string",
                  "enum": ["scheduled", "running", "completed", "failed", "cancelled"]}
 TIME: Schema = {"type": "string", "format": "date-time"}
+# PostgreSQL text cannot hold U+0000, so the API refuses it; say so in the document.
+ANY_KEY: Schema = {"type": "string", "minLength": 1, "pattern": "^[^\\u0000]*$"}
+KEY: Schema = ANY_KEY | {"maxLength": 256}
 
 SCHEMAS: dict[str, Schema] = {
     "Error": strict({"error": {"type": "string", "enum": sorted(set(CODES.values()))},
@@ -68,8 +71,8 @@ SCHEMAS: dict[str, Schema] = {
                      "description": "A name, or 0 (low) to 3 (critical)"},
         "delay_ms": INTEGER_MS,
         "run_at": TIME,
-        "idempotency_key": {"type": "string", "minLength": 1, "maxLength": 256},
-        "concurrency_key": {"type": "string", "minLength": 1, "maxLength": 256},
+        "idempotency_key": KEY,
+        "concurrency_key": KEY,
         "max_concurrency": {"type": "integer", "minimum": 1, "maximum": MAX_CONCURRENCY},
     }, ["sequence"]) | {
         "description": "Give delay_ms or run_at, not both; concurrency_key and "
@@ -186,8 +189,9 @@ WORKFLOW_PATHS: dict[str, Schema] = {
         "get": {"summary": "List instances, newest first",
                 "parameters": [query("state", STATE, "Only in this state"),
                                query("sequence", NAME, "Only of this sequence"),
-                               query("concurrency_key", {"type": "string", "minLength": 1},
-                                     "Only with this concurrency key"), *PAGE],
+                               query("concurrency_key", ANY_KEY,
+                                     "Only with this concurrency key"),
+                               *PAGE],
                 "responses": responses(PAGE_OF_INSTANCES, 400, 422)},
     },
     "/instances/batch": {
