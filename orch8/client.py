@@ -7,6 +7,7 @@ only if that transaction commits, so "save the order and start its workflow" is 
 from __future__ import annotations
 
 import builtins
+import os
 import time
 import uuid
 from typing import Any, TypeVar
@@ -16,6 +17,7 @@ from psycopg_pool import ConnectionPool
 
 from orch8.database import resolve_dsn
 from orch8.errors import DefinitionError
+from orch8.migrate import migrate
 from orch8.model import TERMINAL_STATES, State, parse_name, parse_steps
 from orch8.requests import parse_new_instance
 from orch8.store import instances, rate_limits, sequences
@@ -32,9 +34,17 @@ class Client:
     """A small pool of connections and one method per operation."""
 
     def __init__(self, dsn: str | None = None, *, data_dir: str | None = None) -> None:
+        """Connect to `dsn`, else `DATABASE_URL`, else the embedded server in `data_dir`
+        (default `ORCH8_DATA_DIR`, else the same place a node uses), as a node would."""
+        dsn = dsn or os.environ.get("DATABASE_URL") or None
+        if dsn is None:
+            dsn = resolve_dsn(None, data_dir or os.environ.get("ORCH8_DATA_DIR") or None)
+            # A script may start the embedded server before any node has run: make sure
+            # the schema is there (under the same lock nodes take; a no-op when it is).
+            migrate(dsn)
         self._pool = ConnectionPool(
-            resolve_dsn(dsn, data_dir), min_size=1, max_size=4,
-            kwargs={"autocommit": True}, open=True, name="orch8-client",
+            dsn, min_size=1, max_size=4, kwargs={"autocommit": True}, open=True,
+            name="orch8-client",
         )
 
     def close(self) -> None:
