@@ -14,14 +14,14 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import AbstractContextManager as ContextManager
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
-import psycopg
-from psycopg.conninfo import make_conninfo
+from databases import scratch_database
 
 SUPERVISOR = str(Path(sys.executable).with_name("orch8-supervisor"))
 CLI = str(Path(sys.executable).with_name("orch8"))
@@ -41,17 +41,9 @@ def clean_environ(**extra: str) -> dict[str, str]:
     return kept | extra
 
 
-@contextmanager
-def database(server_dsn: str, template_name: str) -> Iterator[str]:
+def database(server_dsn: str, template_name: str) -> ContextManager[str]:
     """A migrated database of its own (for a module's node), dropped afterwards."""
-    name = f"orch8_api_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(server_dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_name}"')
-    try:
-        yield make_conninfo(server_dsn, dbname=name)
-    finally:
-        with psycopg.connect(server_dsn, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    return scratch_database(server_dsn, template_name, prefix="orch8_api")
 
 
 @dataclass

@@ -8,7 +8,6 @@ gets a fresh copy of it (CREATE DATABASE ... TEMPLATE), so tests never see each 
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterator
 
 import psycopg
@@ -16,6 +15,7 @@ import pytest
 from psycopg.conninfo import make_conninfo
 
 from orch8.migrate import migrate
+from tests.databases import scratch_database
 
 
 @pytest.fixture(scope="session")
@@ -57,12 +57,8 @@ def template_name(server_dsn: str) -> Iterator[str]:
 @pytest.fixture
 def dsn(server_dsn: str, template_name: str) -> Iterator[str]:
     """A freshly migrated database of this test's own."""
-    name = f"orch8_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(server_dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_name}"')
-    yield make_conninfo(server_dsn, dbname=name)
-    with psycopg.connect(server_dsn, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with scratch_database(server_dsn, template_name) as fresh:
+        yield fresh
 
 
 @pytest.fixture

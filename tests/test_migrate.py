@@ -3,23 +3,18 @@
 from __future__ import annotations
 
 import threading
-import uuid
 
 import psycopg
 import pytest
-from psycopg.conninfo import make_conninfo
 
 from orch8.migrate import migrate, migrations_dir, pending_files
+from tests.databases import scratch_database
 
 
 @pytest.fixture
 def empty_dsn(server_dsn):
-    name = f"orch8_empty_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(server_dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    yield make_conninfo(server_dsn, dbname=name)
-    with psycopg.connect(server_dsn, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    with scratch_database(server_dsn, prefix="orch8_empty") as empty:
+        yield empty
 
 
 def test_migrate_from_empty_then_nothing_to_do(empty_dsn):
