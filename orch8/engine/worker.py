@@ -121,6 +121,9 @@ class Worker:
                           stop: asyncio.Event) -> None:
         tick = self.settings.tick_interval_ms / 1000
         while not stop.is_set():
+            # Cleared before the claim, not after: a NOTIFY (or a freed slot) that arrives
+            # while the claim is running must still cut the next wait short.
+            self._wake.clear()
             try:
                 await self.run_once(pool, executor)
             except (psycopg.OperationalError, OSError) as error:
@@ -128,7 +131,6 @@ class Worker:
                 self._last_claim_full = False
             if self._last_claim_full and self.free_slots >= self._refill_at:
                 continue  # a backlog: claim again straight away
-            self._wake.clear()
             stop_wait = asyncio.ensure_future(stop.wait())
             wake_wait = asyncio.ensure_future(self._wake.wait())
             await asyncio.wait({stop_wait, wake_wait}, timeout=tick,
