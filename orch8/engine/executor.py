@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import orjson
+import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from orch8.engine.backoff import backoff_ms
@@ -84,11 +85,11 @@ class Executor:
                 # Draining: the step in flight has finished; the rest runs on another node.
                 await self._fenced("released", _release_one, claimed)
                 return
-            context = StepContext(claimed.id, sequence.name, step.id, attempt + 1,
-                                  claimed.input, dict(outputs))
             admitted, on_start = await self._admit(claimed, step)
             if not admitted:
                 return
+            context = StepContext(claimed.id, sequence.name, step.id, attempt + 1,
+                                  claimed.input, dict(outputs))
             outcome = await self.call(step, context, on_start)
             ran_a_step = True
             if outcome.error is not None:
@@ -201,7 +202,7 @@ class Executor:
         for pause in WRITE_RETRY_S:
             try:
                 return await attempt()
-            except (OSError, _database_errors()) as error:
+            except (OSError, psycopg.OperationalError) as error:
                 log.warning("database write failed (%s); retrying in %.1fs", error, pause)
                 await asyncio.sleep(pause)
         return await attempt()
@@ -209,20 +210,13 @@ class Executor:
     async def _sequence(self, name: str, version: int) -> Sequence:
         key = (name, version)
         if key not in self._sequences:
-            async with self._pool.connection() as conn:
-                self._sequences[key] = await get_sequence(name, version).run_async(conn)
+            self._sequences[key] = await self._with_connection(
+                get_sequence(name, version).run_async)
         return self._sequences[key]
 
 
 async def _release_one(conn: Any, claimed: Claimed) -> bool:
     return await claims.release_unstarted(conn, [claimed]) == 1
-
-
-@functools.cache
-def _database_errors() -> type[Exception]:
-    import psycopg
-
-    return psycopg.OperationalError
 
 
 def _announcing(function: Any, is_async: bool, on_start: Callable[[], None]) -> Any:

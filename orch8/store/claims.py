@@ -297,11 +297,15 @@ async def wait(conn: psycopg.AsyncConnection[Any], claimed: Claimed, delay_ms: i
 
 # Gives back claims that were never started (a stopping worker); attempts are untouched.
 RELEASE_UNSTARTED = """
-UPDATE instances i
-SET state = 'scheduled', claimed_by = NULL, claim_incarnation = NULL, claimed_slot = NULL,
-    updated_at = now()
-FROM unnest(%(ids)s::uuid[], %(epochs)s::bigint[]) AS r(id, epoch)
-WHERE i.id = r.id AND i.claim_epoch = r.epoch AND i.state = 'running'
+WITH released AS (
+    UPDATE instances i
+    SET state = 'scheduled', claimed_by = NULL, claim_incarnation = NULL,
+        claimed_slot = NULL, updated_at = now()
+    FROM unnest(%(ids)s::uuid[], %(epochs)s::bigint[]) AS r(id, epoch)
+    WHERE i.id = r.id AND i.claim_epoch = r.epoch AND i.state = 'running'
+    RETURNING i.id
+)
+SELECT (SELECT count(*) FROM released) AS released, pg_notify('orch8_work', '')
 """
 
 
@@ -309,8 +313,8 @@ async def release_unstarted(conn: psycopg.AsyncConnection[Any], claims: Sequence
     """Put claimed-but-not-started instances back in the queue; return how many."""
     params = {"ids": [c.id for c in claims], "epochs": [c.epoch for c in claims]}
     cursor = await conn.execute(RELEASE_UNSTARTED, params)
-    await conn.execute("SELECT pg_notify('orch8_work', '')")
-    return cursor.rowcount
+    row = await cursor.fetchone()
+    return int(row[0]) if row else 0
 
 
 # A worker or node that is gone: every claim it holds goes back, the epoch bumped so that

@@ -20,13 +20,8 @@ from typing import Any
 import orjson
 import psycopg
 
+from orch8.store.claims import RELEASE_OWNER, release_owner_params
 from orch8.store.query import Query, Row
-
-# Gives claims back without touching attempts; the epoch rises so late writes are refused.
-_RELEASE_SET = """
-    state = 'scheduled', claim_epoch = claim_epoch + 1, updated_at = now(),
-    claimed_by = NULL, claim_incarnation = NULL, claimed_slot = NULL
-"""
 
 
 @dataclass(frozen=True)
@@ -47,14 +42,6 @@ class Registration:
 # are released once, here or there.
 LOCK_PREVIOUS = """
 SELECT incarnation, state FROM cluster_nodes WHERE id = %(node_id)s FOR UPDATE
-"""
-RELEASE_PREVIOUS = f"""
-WITH released AS (
-    UPDATE instances SET {_RELEASE_SET}
-    WHERE state = 'running' AND claim_incarnation = %(previous)s
-    RETURNING id
-)
-SELECT (SELECT count(*) FROM released) AS released, pg_notify('orch8_work', '')
 """
 UPSERT = """
 INSERT INTO cluster_nodes (id, incarnation, hostname, pid, workers, state)
@@ -81,7 +68,7 @@ async def register(conn: psycopg.AsyncConnection[Any], node_id: str, incarnation
         previous = await (await conn.execute(LOCK_PREVIOUS, params)).fetchone()
         if previous is not None:
             previous_state = previous[1]
-            cursor = await conn.execute(RELEASE_PREVIOUS, {"previous": previous[0]})
+            cursor = await conn.execute(RELEASE_OWNER, release_owner_params(previous[0], None))
             released = int((await cursor.fetchone())[0])  # type: ignore[index]
         row = await (await conn.execute(UPSERT, params)).fetchone()
     assert row is not None
@@ -163,21 +150,25 @@ class Sweep:
 # re-registered or deregistered while a worker still claimed) are released too, which
 # is why every claimer must register its incarnation before claiming (the supervisor
 # does); the `claimed_at < now()` guard spares claims made after this snapshot.
-SWEEP_STALE = f"""
+SWEEP_STALE = """
 WITH stale AS (
     UPDATE cluster_nodes SET state = 'dead'
     WHERE state <> 'dead'
       AND last_heartbeat < now() - %(threshold_s)s * interval '1 second'
     RETURNING id, incarnation
 ), released AS (
-    UPDATE instances i SET {_RELEASE_SET}
+    -- Gives claims back without touching attempts; the epoch rises so late writes are
+    -- refused.
+    UPDATE instances i
+    SET state = 'scheduled', claim_epoch = claim_epoch + 1, updated_at = now(),
+        claimed_by = NULL, claim_incarnation = NULL, claimed_slot = NULL
     WHERE i.state = 'running' AND i.claimed_at < now()
       AND (i.claim_incarnation IN (SELECT incarnation FROM stale)
            OR NOT EXISTS (SELECT 1 FROM cluster_nodes n
                           WHERE n.incarnation = i.claim_incarnation AND n.state <> 'dead'))
     RETURNING i.id
 )
-SELECT (SELECT coalesce(array_agg(id ORDER BY id), '{{}}') FROM stale) AS dead,
+SELECT (SELECT coalesce(array_agg(id ORDER BY id), '{}') FROM stale) AS dead,
        (SELECT count(*) FROM released) AS released,
        pg_notify('orch8_work', '')
 """
@@ -238,15 +229,6 @@ def list_nodes() -> Query[list[NodeRow]]:
 DEREGISTER_NODE = """
 DELETE FROM cluster_nodes WHERE id = %(node_id)s AND incarnation = %(incarnation)s
 """
-RELEASE_INCARNATION = f"""
-WITH released AS (
-    UPDATE instances SET {_RELEASE_SET}
-    WHERE state = 'running' AND claim_incarnation = %(incarnation)s
-    RETURNING id
-)
-SELECT (SELECT count(*) FROM released) AS released, pg_notify('orch8_work', '')
-"""
-
 
 async def deregister(conn: psycopg.AsyncConnection[Any], node_id: str,
                      incarnation: uuid.UUID) -> int:
@@ -254,6 +236,6 @@ async def deregister(conn: psycopg.AsyncConnection[Any], node_id: str,
     params = {"node_id": node_id, "incarnation": incarnation}
     async with conn.transaction():
         await conn.execute(DEREGISTER_NODE, params)
-        cursor = await conn.execute(RELEASE_INCARNATION, params)
+        cursor = await conn.execute(RELEASE_OWNER, release_owner_params(incarnation, None))
         row = await cursor.fetchone()
     return int(row[0]) if row else 0
