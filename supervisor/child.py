@@ -141,7 +141,7 @@ class _Control:
             return
         stats = self._worker.stats
         step_seconds, lateness = stats.take_observations()
-        report = Report(slot, os.getpid(), dict(stats.counts), stats.in_flight,
+        report = Report(slot, os.getpid(), dict(stats.counts), self._worker.in_flight,
                         tuple(step_seconds), tuple(lateness))
         if not _send(self._pipe, report):
             self.orphan("the supervisor's pipe is broken")

@@ -22,7 +22,6 @@ class WorkerStats:
     """Totals since the worker started, plus observations not yet reported."""
 
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
-    in_flight: int = 0
     step_seconds: list[float] = field(default_factory=list)
     claim_lateness_seconds: list[float] = field(default_factory=list)
 

@@ -58,8 +58,13 @@ class Worker:
         return max(1, min(self.settings.batch_size, self.settings.max_in_flight) // 2)
 
     @property
+    def in_flight(self) -> int:
+        """Instances this worker is running now."""
+        return len(self._running)
+
+    @property
     def free_slots(self) -> int:
-        return self.settings.max_in_flight - len(self._running)
+        return self.settings.max_in_flight - self.in_flight
 
     def hurry(self) -> None:
         """Cut a graceful stop short: cancel what still runs and release it now."""
@@ -114,7 +119,6 @@ class Worker:
             task = asyncio.create_task(executor.run(instance), name=f"instance-{instance.id}")
             self._running[task] = instance
             task.add_done_callback(self._on_done)
-        self.stats.in_flight = len(self._running)
         return len(claimed)
 
     async def _claim_loop(self, pool: AsyncConnectionPool, executor: Executor,
@@ -140,7 +144,6 @@ class Worker:
 
     def _on_done(self, task: asyncio.Task[None]) -> None:
         instance = self._running.pop(task)
-        self.stats.in_flight = len(self._running)
         if not task.cancelled() and task.exception() is not None:
             # Only a bug or a lasting database outage gets here. The claim must not stay
             # with a live worker forever: release it (fenced) on the next tick.
