@@ -8,11 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from psycopg_pool import AsyncConnectionPool
 
 from orch8.config import Settings
+from orch8.store.query import Query
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -54,3 +57,9 @@ class NodeView(Protocol):
     def add_report_listener(self, listener: ReportListener) -> None:
         """Call `listener` (on the supervisor's event loop) with every report that arrives."""
         ...
+
+
+async def run_query(node: NodeView, query: Query[T]) -> T:
+    """Run one store query on a connection from the node's API pool."""
+    async with node.pool.connection() as conn:
+        return await query.run_async(conn)

@@ -15,11 +15,10 @@ from starlette.routing import BaseRoute, Route
 
 from orch8.api import inputs
 from orch8.api.errors import json_response
-from orch8.api.node import NodeView
+from orch8.api.node import NodeView, run_query
 from orch8.errors import DefinitionError
 from orch8.model import parse_name
 from orch8.store import rate_limits
-from orch8.store.query import Query
 from orch8.store.rate_limits import RateLimit
 
 LIMIT_FIELDS = {"max", "window_ms"}
@@ -36,10 +35,6 @@ class RateLimits:
     def __init__(self, node: NodeView) -> None:
         self.node = node
 
-    async def run(self, query: Query[Any]) -> Any:
-        async with self.node.pool.connection() as conn:
-            return await query.run_async(conn)
-
     async def put(self, request: Request) -> Response:
         handler = parse_name(request.path_params["handler"], "handler")
         body = inputs.object_body(await inputs.read_json(request), LIMIT_FIELDS)
@@ -50,16 +45,16 @@ class RateLimits:
         except DefinitionError as error:
             field = "max" if error.field == "max_calls" else error.field
             raise DefinitionError(field, error.message) from None
-        return json_response(shown(await self.run(query)))
+        return json_response(shown(await run_query(self.node, query)))
 
     async def list(self, request: Request) -> Response:
         inputs.check_query(request, set())
-        found = await self.run(rate_limits.list_rate_limits())
+        found = await run_query(self.node, rate_limits.list_rate_limits())
         return json_response({"rate_limits": [shown(limit) for limit in found]})
 
     async def delete(self, request: Request) -> Response:
         handler = parse_name(request.path_params["handler"], "handler")
-        await self.run(rate_limits.delete_rate_limit(handler))
+        await run_query(self.node, rate_limits.delete_rate_limit(handler))
         return Response(status_code=204)
 
 

@@ -16,12 +16,11 @@ from starlette.routing import BaseRoute, Route
 
 from orch8.api import inputs, openapi
 from orch8.api.errors import ApiError, json_response
-from orch8.api.node import NodeView
+from orch8.api.node import NodeView, run_query
 from orch8.errors import DefinitionError
 from orch8.model import State, parse_name, parse_steps
 from orch8.requests import parse_new_instance
 from orch8.store import instances, sequences
-from orch8.store.query import Query
 
 # A batch is one transaction; past this size, callers should send several batches.
 MAX_BATCH = 1000
@@ -39,10 +38,6 @@ class Workflows:
     def __init__(self, node: NodeView) -> None:
         self.node = node
 
-    async def run(self, query: Query[Any]) -> Any:
-        async with self.node.pool.connection() as conn:
-            return await query.run_async(conn)
-
     # --- sequences -------------------------------------------------------------------
 
     async def create_sequence(self, request: Request) -> Response:
@@ -54,19 +49,19 @@ class Workflows:
             if isinstance(step, dict):
                 inputs.reject_nulls(step.get("retry"), f"steps[{index}].retry.")
         steps = parse_steps(steps_body)
-        created = await self.run(sequences.create_sequence(name, steps))
+        created = await run_query(self.node, sequences.create_sequence(name, steps))
         return json_response(created.as_json(), 201)
 
     async def list_sequences(self, request: Request) -> Response:
         inputs.check_query(request, set())
-        found = await self.run(sequences.list_sequences())
+        found = await run_query(self.node, sequences.list_sequences())
         return json_response({"sequences": [sequence.as_json() for sequence in found]})
 
     async def get_sequence(self, request: Request) -> Response:
         inputs.check_query(request, {"version"})
         name = parse_name(request.path_params["name"], "name")
         version = inputs.query_int(request, "version", None, 1, 2**31 - 1)
-        found = await self.run(sequences.get_sequence(name, version))
+        found = await run_query(self.node, sequences.get_sequence(name, version))
         return json_response(found.as_json())
 
     # --- instances -------------------------------------------------------------------
@@ -75,7 +70,7 @@ class Workflows:
         body = await inputs.read_json(request)
         inputs.reject_nulls(body)
         new = parse_new_instance(body)
-        created = await self.run(instances.create_instance(new))
+        created = await run_query(self.node, instances.create_instance(new))
         answer = {"id": created.id, "deduplicated": created.deduplicated}
         return json_response(answer, 200 if created.deduplicated else 201)
 
@@ -111,31 +106,34 @@ class Workflows:
     async def _page(self, request: Request, **filters: Any) -> Response:
         limit = inputs.query_int(request, "limit", DEFAULT_PAGE, 1, MAX_PAGE) or DEFAULT_PAGE
         before = inputs.query_uuid(request, "before")
-        found = await self.run(instances.list_instances(before=before, limit=limit, **filters))
+        query = instances.list_instances(before=before, limit=limit, **filters)
+        found = await run_query(self.node, query)
         # A full page may have more behind it: `next` is the cursor for it.
         after = str(found[-1].id) if found and len(found) == limit else None
         return json_response({"instances": [item.as_json() for item in found], "next": after})
 
     async def get_instance(self, request: Request) -> Response:
         instance_id = request.path_params["id"]
-        found = await self.run(instances.get_instance(instance_id))
+        found = await run_query(self.node, instances.get_instance(instance_id))
         return json_response(found.as_json())
 
     async def cancel_instance(self, request: Request) -> Response:
         instance_id = request.path_params["id"]
-        await self.run(instances.cancel_instance(instance_id))
-        return json_response((await self.run(instances.get_instance(instance_id))).as_json())
+        await run_query(self.node, instances.cancel_instance(instance_id))
+        instance = await run_query(self.node, instances.get_instance(instance_id))
+        return json_response(instance.as_json())
 
     async def retry_instance(self, request: Request) -> Response:
         instance_id = request.path_params["id"]
-        await self.run(instances.retry_instance(instance_id))
-        return json_response((await self.run(instances.get_instance(instance_id))).as_json())
+        await run_query(self.node, instances.retry_instance(instance_id))
+        instance = await run_query(self.node, instances.get_instance(instance_id))
+        return json_response(instance.as_json())
 
     # --- queue -----------------------------------------------------------------------
 
     async def queue(self, request: Request) -> Response:
         inputs.check_query(request, set())
-        depth = await self.run(instances.queue_depth())
+        depth = await run_query(self.node, instances.queue_depth())
         total = depth.pop("total")
         return json_response({"due": total, "by_priority": depth})
 
