@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import psycopg
 
 from orch8.config import Settings
+from orch8.events import wait_any
 from orch8.store import nodes
 from orch8.store.nodes import Registration
 
@@ -91,10 +92,7 @@ class Heartbeat:
                 self._owner.on_database(False)
                 await self._drop_connection()
             self._wake.clear()
-            try:
-                await asyncio.wait_for(_first(stop, self._wake), timeout=interval)
-            except TimeoutError:
-                pass
+            await wait_any(stop, self._wake, timeout=interval)
         await self._drop_connection()
 
     async def run_once(self) -> None:
@@ -158,12 +156,3 @@ class Heartbeat:
                 pass
             self._conn = None
 
-
-async def _first(*events: asyncio.Event) -> None:
-    """Return when any of `events` is set."""
-    waits = [asyncio.ensure_future(event.wait()) for event in events]
-    try:
-        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for wait in waits:
-            wait.cancel()

@@ -24,6 +24,7 @@ from orch8.engine.committer import StepCommitter
 from orch8.engine.executor import Executor
 from orch8.engine.limits import LimitWatch
 from orch8.engine.stats import WorkerStats
+from orch8.events import wait_any
 from orch8.handlers.registry import Registry, default_registry
 from orch8.store import claims
 from orch8.store.claims import Claimed, Owner
@@ -135,12 +136,7 @@ class Worker:
                 self._last_claim_full = False
             if self._last_claim_full and self.free_slots >= self._refill_at:
                 continue  # a backlog: claim again straight away
-            stop_wait = asyncio.ensure_future(stop.wait())
-            wake_wait = asyncio.ensure_future(self._wake.wait())
-            await asyncio.wait({stop_wait, wake_wait}, timeout=tick,
-                               return_when=asyncio.FIRST_COMPLETED)
-            stop_wait.cancel()
-            wake_wait.cancel()
+            await wait_any(stop, self._wake, timeout=tick)
 
     def _on_done(self, task: asyncio.Task[None]) -> None:
         instance = self._running.pop(task)
