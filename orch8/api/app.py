@@ -21,16 +21,19 @@ from starlette.routing import BaseRoute
 from orch8.api import cluster
 from orch8.api.node import NodeView
 from orch8.database import redact
+from orch8.ui.routes import routes as ui_routes
 
 log = logging.getLogger("orch8.api")
 
 
 def create_app(node: NodeView) -> Starlette:
     """The node's HTTP API. No globals: everything it knows comes from `node`."""
+    dashboard_routes, dashboard = ui_routes(node)
     return Starlette(
-        routes=_routes(node),
+        routes=_routes(node) + dashboard_routes,
         exception_handlers=_exception_handlers(),
         middleware=_middleware(node),
+        lifespan=lambda app: dashboard.lifespan(),
     )
 
 

@@ -1,4 +1,4 @@
-"""Bearer-token authentication for every endpoint but the health probes.
+"""Bearer-token authentication for every endpoint but the health probes and the dashboard.
 
 With `ORCH8_API_TOKEN` set, a request must carry `Authorization: Bearer <token>`; the
 comparison is constant-time so response timing tells nothing about how much of a guess
@@ -15,6 +15,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from orch8.api.errors import error_response
 
 OPEN_PREFIXES = ("/health/",)
+# The dashboard checks its own session cookie (a browser cannot send a bearer header on
+# navigation); `/` only redirects to it.
+DASHBOARD_PATHS = ("/", "/ui")
+DASHBOARD_PREFIX = "/ui/"
 
 
 class BearerAuth:
@@ -51,4 +55,5 @@ class BearerAuth:
 
 
 def _is_open(path: str) -> bool:
-    return path.startswith(OPEN_PREFIXES)
+    return (path.startswith(OPEN_PREFIXES) or path in DASHBOARD_PATHS
+            or path.startswith(DASHBOARD_PREFIX))

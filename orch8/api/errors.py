@@ -28,6 +28,7 @@ log = logging.getLogger("orch8.api")
 CODES: Mapping[int, str] = {
     400: "bad_request",
     401: "unauthorized",
+    403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
     409: "conflict",

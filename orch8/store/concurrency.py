@@ -48,6 +48,33 @@ def key_usage(key: str) -> Query[KeyUsage | None]:
     return Query(USAGE, {"key": key}, read)
 
 
+# Keys with running instances. Only running rows are read (bounded by what the cluster
+# has in flight), then each key's slot rows by primary key; waiters are counted up to a
+# cap so that a key with a huge backlog costs no more than a bounded index range.
+BUSY_KEYS = """
+SELECT held.key, held.running,
+    (SELECT count(*) FROM concurrency_slots s WHERE s.concurrency_key = held.key) AS slots,
+    (SELECT count(*) FROM (
+        SELECT 1 FROM instances i
+        WHERE i.concurrency_key = held.key AND i.state = 'scheduled' AND i.waiting_for_slot
+        LIMIT %(waiting_cap)s) w) AS waiting
+FROM (
+    SELECT concurrency_key AS key, count(*) AS running
+    FROM instances WHERE state = 'running' AND concurrency_key IS NOT NULL
+    GROUP BY concurrency_key
+) held
+ORDER BY held.running DESC, held.key
+LIMIT %(limit)s
+"""
+WAITING_CAP = 10_000
+
+
+def busy_keys(limit: int = 20) -> Query[list[KeyUsage]]:
+    """The keys with running instances, busiest first (`waiting` counted up to a cap)."""
+    params = {"limit": limit, "waiting_cap": WAITING_CAP}
+    return Query(BUSY_KEYS, params, lambda rows: [KeyUsage(**row) for row in rows])
+
+
 # The backstop for a wake-up that was lost anyway (a waiter held locked by someone else
 # at the moment its slot freed, or slots added while the key's waiters were being
 # parked): every key with waiters and a free slot gets one waiter woken. A wake-up too

@@ -283,3 +283,22 @@ def queue_depth() -> Query[dict[str, int]]:
         return depth
 
     return Query(QUEUE_DEPTH, {}, read)
+
+
+# The oldest due instance: one short index probe per priority through the claim index
+# (a min() over the whole index would walk every future entry on servers without skip scan).
+OLDEST_DUE = """
+SELECT extract(epoch FROM now() - min(oldest.next_fire_at))::float8 AS age_s
+FROM unnest('{3,2,1,0}'::smallint[]) AS p(priority)
+CROSS JOIN LATERAL (
+    SELECT next_fire_at FROM instances
+    WHERE state = 'scheduled' AND priority = p.priority AND next_fire_at <= now()
+    ORDER BY next_fire_at
+    LIMIT 1
+) oldest
+"""
+
+
+def oldest_due_age() -> Query[float | None]:
+    """Seconds the oldest due scheduled instance has waited, or None if nothing is due."""
+    return Query(OLDEST_DUE, {}, lambda rows: rows[0]["age_s"] if rows else None)

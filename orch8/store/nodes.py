@@ -206,6 +206,10 @@ class NodeRow:
     state: str
     workers: int
     instances_claimed: int
+    # Seconds since the last heartbeat, by the database's clock (the dashboard's age).
+    heartbeat_age_s: float = 0.0
+    # Worker processes up at the last heartbeat (None before the first report).
+    workers_alive: int | None = None
 
 
 # instances_claimed counts by incarnation (the partial index on running rows), so a
@@ -213,7 +217,9 @@ class NodeRow:
 LIST_NODES = """
 SELECT n.id, n.hostname, n.started_at, n.last_heartbeat, n.state, n.workers,
        (SELECT count(*) FROM instances i
-        WHERE i.state = 'running' AND i.claim_incarnation = n.incarnation) AS instances_claimed
+        WHERE i.state = 'running' AND i.claim_incarnation = n.incarnation) AS instances_claimed,
+       extract(epoch FROM now() - n.last_heartbeat)::float8 AS heartbeat_age_s,
+       (n.stats ->> 'workers_alive')::int AS workers_alive
 FROM cluster_nodes n
 ORDER BY n.id
 """
@@ -239,3 +245,26 @@ async def deregister(conn: psycopg.AsyncConnection[Any], node_id: str,
         cursor = await conn.execute(RELEASE_OWNER, release_owner_params(incarnation, None))
         row = await cursor.fetchone()
     return int(row[0]) if row else 0
+
+
+@dataclass(frozen=True)
+class NodeTotals:
+    """One live node incarnation's counters as of its last heartbeat."""
+
+    id: str
+    incarnation: uuid.UUID
+    completed: int
+    failed: int
+
+
+NODE_TOTALS = """
+SELECT id, incarnation, coalesce((stats ->> 'completed')::bigint, 0) AS completed,
+       coalesce((stats ->> 'failed')::bigint, 0) AS failed
+FROM cluster_nodes
+WHERE state <> 'dead'
+"""
+
+
+def node_totals() -> Query[list[NodeTotals]]:
+    """Completed and failed counts of every live node (the dashboard's throughput)."""
+    return Query(NODE_TOTALS, {}, lambda rows: [NodeTotals(**row) for row in rows])
