@@ -148,3 +148,37 @@ def test_token_flow(token_node: Node) -> None:
                        cookies={"orch8_ui": "abc.1.deadbeef"})
     assert forged.status_code == 401
     assert TOKEN not in token_node.output()
+
+
+def test_panel_queries_stay_bounded_on_a_large_history(conn: psycopg.Connection) -> None:
+    """Every query the panels run reads a bounded number of pages, however long the
+    history: 200,000 finished and 20,000 future instances here, far more pages than that."""
+    from orch8.model import State
+    from orch8.store import concurrency, instances, nodes, rate_limits
+
+    conn.execute("INSERT INTO sequences (name, version, steps) VALUES ('big', 1, '[]')")
+    conn.execute("""
+        INSERT INTO instances (id, sequence_name, sequence_version, state, next_fire_at,
+                               finished_at, last_error)
+        SELECT gen_random_uuid(), 'big', 1,
+               CASE WHEN g % 10 = 0 THEN 'failed' ELSE 'completed' END,
+               now() - interval '1 hour', now(), 'boom'
+        FROM generate_series(1, 200000) g""")
+    conn.execute("""
+        INSERT INTO instances (id, sequence_name, sequence_version, priority, next_fire_at)
+        SELECT gen_random_uuid(), 'big', 1, g % 4, now() + interval '3 hours'
+        FROM generate_series(1, 20000) g""")
+    conn.execute("ANALYZE instances")
+    table_pages = conn.execute(
+        "SELECT relpages FROM pg_class WHERE relname = 'instances'").fetchone()
+    assert table_pages is not None and table_pages[0] > 3000
+    for query in (nodes.list_nodes(), instances.queue_depth(), instances.oldest_due_age(),
+                  instances.list_instances(state=State.FAILED, limit=10),
+                  rate_limits.list_rate_limits(), concurrency.busy_keys(),
+                  nodes.node_totals()):
+        plan = conn.execute("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + query.sql,
+                            query.params).fetchone()
+        assert plan is not None
+        top = plan[0][0]["Plan"]
+        buffers = top["Shared Hit Blocks"] + top["Shared Read Blocks"]
+        assert buffers < 300, (query.sql, buffers)

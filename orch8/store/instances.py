@@ -285,14 +285,16 @@ def queue_depth() -> Query[dict[str, int]]:
     return Query(QUEUE_DEPTH, {}, read)
 
 
-# The oldest due instance: one short index probe per priority through the claim index
-# (a min() over the whole index would walk every future entry on servers without skip scan).
+# The oldest claimable due instance: one short probe per priority into the claim index
+# (a min() over the whole index would walk every future entry on servers without skip
+# scan). Instances parked for a concurrency slot are not claimable, so not counted here.
 OLDEST_DUE = """
 SELECT extract(epoch FROM now() - min(oldest.next_fire_at))::float8 AS age_s
 FROM unnest('{3,2,1,0}'::smallint[]) AS p(priority)
 CROSS JOIN LATERAL (
     SELECT next_fire_at FROM instances
-    WHERE state = 'scheduled' AND priority = p.priority AND next_fire_at <= now()
+    WHERE state = 'scheduled' AND NOT waiting_for_slot AND priority = p.priority
+      AND next_fire_at <= now()
     ORDER BY next_fire_at
     LIMIT 1
 ) oldest
