@@ -3,8 +3,9 @@
 Each node gets a `CollectorRegistry` of its own (never the library's global one), so
 two apps in one process, as in tests, never share or double-register a metric.
 
-Counters come from the workers' reports. A report carries totals since that worker
-process started; the node adds the difference from the previous report of the same
+Counters come from the workers' reports, and from the supervisor's own (slot 0: the
+claims it settles for dead workers, worker deaths and restarts). A report carries totals
+since that process started; the node adds the difference from the previous report of the same
 process, and a new process id in a slot (a respawned worker) counts from zero again.
 So the node's counters only ever rise, across worker restarts. Gauges are read when
 Prometheus scrapes: the queue depth with one cheap query, the rest from the node view.
@@ -39,6 +40,11 @@ COUNTER_METRICS = {
     "released": ("orch8_instances_released", "Claims released without finishing a step."),
     "fenced_rejected": ("orch8_fenced_writes_rejected",
                         "Writes refused because the claim had moved on (epoch fence)."),
+    # Counted by the supervisor (its reports come as slot 0).
+    "worker_deaths": ("orch8_worker_deaths",
+                      "Worker processes that ended unasked (crashed, killed, or exited)."),
+    "worker_restarts": ("orch8_worker_restarts",
+                        "Worker processes started in place of one that ended."),
 }
 NODE_STATES = ("active", "draining", "stopping")
 # Steps range from microseconds (noop) to minutes; lateness from milliseconds up.

@@ -2,9 +2,9 @@
 API, and keeps `settings.workers` worker processes alive.
 
 Its main loop is a tick (woken early by signals, worker exits and pipe messages) that
-acts on recorded signals, reaps exited workers (releasing their claims at once, fenced),
-kills hung ones, restarts the missing with backoff, and ends when a stop has emptied
-every slot. Signals: see `supervisor.signals`.
+acts on recorded signals, reaps exited workers (settling their claims at once, fenced:
+see `supervisor.reaping`), kills hung ones, restarts the missing with backoff, and ends
+when a stop has emptied every slot. Signals: see `supervisor.signals`.
 """
 
 from __future__ import annotations
@@ -41,6 +41,11 @@ STOP_GRACE_S = 10.0
 HEARTBEAT_STOP_S = 10.0
 
 EXIT_OK, EXIT_FAILED, EXIT_BOOT_FAILED = 0, 1, BOOT_FAILED_EXIT
+# Counters the supervisor keeps itself; worker slots are numbered from 1.
+SUPERVISOR_COUNTERS = ("released", "retried", "failed", "worker_deaths", "worker_restarts")
+SUPERVISOR_SLOT = 0
+# While a dead worker's claims cannot be settled (the database is away), retry this often.
+SETTLE_RETRY_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,9 @@ class Supervisor:
         self._signals = SignalQueue(self._wake)
         self._heartbeat = Heartbeat(settings, dsn, self)
         self._listeners: list[ReportListener] = []
+        # What the supervisor itself did (settled a dead worker's claims, restarted it),
+        # counted like a worker's counters and published to the same listeners.
+        self._counts: dict[str, int] = dict.fromkeys(SUPERVISOR_COUNTERS, 0)
         self._database_ok = False
         self._exit_code = EXIT_OK
         self.failure: str | None = None
@@ -91,8 +99,17 @@ class Supervisor:
         return "active" if self._phase is Phase.STARTING else self._phase.value
 
     def is_ready(self) -> bool:
+        # One worker up is enough to serve: the API needs none, and the node claims with
+        # whichever workers it has while the others restart.
         return (self._phase is Phase.ACTIVE and self._database_ok
-                and all(slot.alive and slot.booted for slot in self._slots))
+                and any(slot.alive and slot.booted for slot in self._slots))
+
+    def unready_reason(self) -> str:
+        if self._phase is not Phase.ACTIVE:
+            return self.state()
+        if not self._database_ok:
+            return "database unreachable"
+        return "ready" if self.is_ready() else "no worker is up"
 
     def reports(self) -> list[WorkerReport]:
         return [slot.latest for slot in self._slots if slot.latest is not None]
@@ -107,7 +124,7 @@ class Supervisor:
 
     def summary(self) -> dict[str, Any]:
         """Counters of the current worker processes, stored with each heartbeat."""
-        totals: dict[str, Any] = {"in_flight": 0, "workers_alive": 0}
+        totals: dict[str, Any] = {"in_flight": 0, "workers_alive": 0, **self._counts}
         for slot in self._slots:
             if slot.latest is not None and slot.alive:
                 totals["workers_alive"] += 1
@@ -115,6 +132,15 @@ class Supervisor:
                 for name, count in slot.latest.counts.items():
                     totals[name] = totals.get(name, 0) + count
         return totals
+
+    def count(self, counter: str, amount: int = 1) -> None:
+        """Count something the supervisor did; metrics see it as a report from slot 0."""
+        if amount <= 0:
+            return
+        self._counts[counter] += amount
+        report = WorkerReport(SUPERVISOR_SLOT, os.getpid(), True, dict(self._counts))
+        for listener in self._listeners:
+            _call_listener(listener, report)
 
     def on_database(self, reachable: bool) -> None:
         self._database_ok = reachable
@@ -287,10 +313,12 @@ class Supervisor:
             if slot.alive or slot.restart_at > now:
                 continue
             if slot.pending_release is not None and not await reaping.release(self, slot):
-                # Never start a slot while its previous claims are still held; back off
-                # rather than retry every tick while the database is away.
-                slot.schedule_restart()
+                # Never start a slot while its previous claims are still held; wait rather
+                # than retry every tick while the database is away.
+                slot.restart_at = now + SETTLE_RETRY_S
                 continue
+            if slot.spawned:
+                self.count("worker_restarts")
             self._spawn(slot)
 
     def _spawn(self, slot: WorkerSlot) -> None:

@@ -25,8 +25,10 @@ from orch8.database import redact
 from orch8.engine.worker import Worker
 from orch8.errors import ConfigError
 from orch8.handlers import load_modules
+from orch8.handlers.registry import default_registry
 from orch8.store.claims import Owner
 from supervisor.protocol import BootFailed, Drain, Hurry, ProtocolError, Report, decode, encode
+from supervisor.running import RunningTable, tracked
 
 log = logging.getLogger("orch8.supervisor.worker")
 
@@ -51,8 +53,12 @@ class WorkerStart:
         return f"orch8 worker {self.slot}/{self.settings.workers} {self.node_id}"
 
 
-def run_worker(start: WorkerStart, pipe: Connection) -> None:
-    """Process entry point: set up, load handlers, run the claim loop until told to stop."""
+def run_worker(start: WorkerStart, pipe: Connection, running: RunningTable) -> None:
+    """Process entry point: set up, load handlers, run the claim loop until told to stop.
+
+    `running` is the table of handlers running in this process, which the supervisor reads
+    if the process dies (see `supervisor.running`).
+    """
     _set_up_process(start)
     try:
         load_modules(start.settings.handlers)
@@ -60,11 +66,15 @@ def run_worker(start: WorkerStart, pipe: Connection) -> None:
         _send(pipe, BootFailed(start.slot, str(error)))
         sys.exit(BOOT_FAILED_EXIT)
     try:
-        asyncio.run(_serve(start, pipe))
+        asyncio.run(_serve(start, pipe, running))
     except Exception as error:
         # The supervisor logs the exit and restarts us with backoff; one line is enough.
+        # Not a step's doing: whatever still runs goes back uncharged.
+        running.abandon()
         log.error("worker %d failed: %s", start.slot, redact(f"{type(error).__name__}: {error}"))
         sys.exit(1)
+    # A handler's SystemExit never gets here: its step stays marked, and is charged.
+    running.abandon()
 
 
 def _set_up_process(start: WorkerStart) -> None:
@@ -84,11 +94,11 @@ def _set_up_process(start: WorkerStart) -> None:
     )
 
 
-async def _serve(start: WorkerStart, pipe: Connection) -> None:
+async def _serve(start: WorkerStart, pipe: Connection, running: RunningTable) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     owner = Owner(start.node_id, start.incarnation, start.slot)
-    worker = Worker(start.settings, start.dsn, owner)
+    worker = Worker(start.settings, start.dsn, owner, registry=tracked(default_registry, running))
     control = _Control(worker, stop, pipe)
     loop.add_signal_handler(signal.SIGTERM, stop.set)  # our own drain
     loop.add_reader(pipe.fileno(), control.on_readable)

@@ -1,23 +1,33 @@
 """Reaping: what happens when a worker process has exited.
 
-Its claims are released at once (fenced: the epoch rises, so a write it had in flight
-can never land), without waiting for the node to look stale; the death is logged by
-cause; the slot is restarted with backoff unless the node is stopping.
+Its claims are settled at once, without waiting for the node to look stale, in one
+transaction: every step whose handler was running when the process ended (its table in
+`supervisor.running`) is charged an attempt, with the step's retry policy applied (retried
+after its backoff, or failed into the dead letter once `max_attempts` is spent); everything
+else it held goes back uncharged. Both raise the epoch, so a write the dead process had in
+flight can never land. A step that kills its worker therefore costs at most `max_attempts`
+worker deaths, on this node and every other, instead of crash-looping them.
+
+The death is logged by cause and counted; the slot is restarted with backoff unless the
+node is stopping.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import psycopg
 
-from orch8.store.claims import release_owner
+from orch8.engine.backoff import backoff_ms
+from orch8.store.claims import Charge, HeldStep, charge, lock_held, release_owner
+from orch8.store.sequences import Sequence, get_sequence
 from supervisor.child import BOOT_FAILED_EXIT
 from supervisor.phase import Phase
-from supervisor.slots import WorkerSlot
+from supervisor.running import RunningStep
+from supervisor.slots import DeadWorker, WorkerSlot
 
 if TYPE_CHECKING:
     from supervisor.arbiter import Supervisor
@@ -28,18 +38,20 @@ RELEASE_TIMEOUT_S = 5
 
 
 async def reap(node: Supervisor, slots: list[WorkerSlot]) -> None:
-    """Collect every exited worker: log why, release its claims, plan its restart."""
+    """Collect every exited worker: log why, settle its claims, plan its restart."""
     for slot in slots:
         if slot.process is None or slot.process.exitcode is None:
             continue
         node.forget_fds(slot)
-        pid, code = slot.process.pid, slot.process.exitcode
+        code = slot.process.exitcode
         retired = slot.incarnation != node.incarnation  # stopped after a re-registration
-        cause = slot.reap()
+        dead = slot.reap()
         expected = retired or node.phase.leaving
         level = logging.INFO if expected and code == 0 else logging.ERROR
-        log.log(level, "worker %d (pid %s) %s", slot.number, pid, cause)
-        slot.pending_release = slot.incarnation
+        log.log(level, "worker %d (pid %s) %s", slot.number, dead.pid, dead.cause)
+        if not expected or code != 0:
+            node.count("worker_deaths")
+        slot.pending_release = dead
         await release(node, slot)
         if code == BOOT_FAILED_EXIT and node.failure is None:
             node.fail(f"worker {slot.number} failed at boot", exit_code=BOOT_FAILED_EXIT)
@@ -56,21 +68,76 @@ def _plan_restart(slot: WorkerSlot, retired: bool) -> None:
 
 
 async def release(node: Supervisor, slot: WorkerSlot) -> bool:
-    """Release the claims of the slot's last process; return whether that is done."""
-    incarnation = slot.pending_release
-    if incarnation is None:
+    """Settle the claims of the slot's last process; return whether that is done."""
+    dead = slot.pending_release
+    if dead is None:
         return True
     try:
-        released = await asyncio.to_thread(_release, node.dsn, incarnation, slot.number)
+        settled = await asyncio.to_thread(settle, node.dsn, dead)
     except (psycopg.Error, OSError) as error:
         log.warning("worker %d: could not release its claims yet (%s)", slot.number, error)
         return False
     slot.pending_release = None
-    if released:
-        log.warning("worker %d: released %d claimed instances", slot.number, released)
+    for line in settled.charged:
+        log.warning("worker %d: %s", slot.number, line)
+    if settled.released:
+        log.warning("worker %d: released %d claimed instances", slot.number, settled.released)
+    node.count("released", settled.released)
+    node.count("retried", settled.retried)
+    node.count("failed", settled.failed)
     return True
 
 
-def _release(dsn: str, incarnation: uuid.UUID, slot: int) -> int:
+@dataclass(frozen=True)
+class Settlement:
+    """What settling a dead worker's claims did."""
+
+    released: int = 0
+    retried: int = 0
+    failed: int = 0
+    # One line per charged step, for the log.
+    charged: tuple[str, ...] = ()
+
+
+def settle(dsn: str, dead: DeadWorker) -> Settlement:
+    """Charge the dead worker's interrupted steps, release the rest of its claims."""
     with psycopg.connect(dsn, autocommit=True, connect_timeout=RELEASE_TIMEOUT_S) as conn:
-        return release_owner(conn, incarnation, slot)
+        with conn.transaction():
+            interrupted = [step for step in dead.running if not step.abandoned]
+            held = lock_held(conn, dead.incarnation, dead.slot,
+                             list({step.instance_id for step in interrupted}))
+            charges = _charges(conn, dead, held, interrupted)
+            states = charge(conn, charges)
+            released = release_owner(conn, dead.incarnation, dead.slot)
+    retried = sum(1 for state in states.values() if state == "scheduled")
+    lines = tuple(f"instance {c.id}: {c.error}; "
+                  + ("failed (dead letter)" if c.backoff_ms is None
+                     else f"retrying in {c.backoff_ms / 1000:.1f}s")
+                  for c in charges if c.id in states)
+    return Settlement(released, retried, len(states) - retried, lines)
+
+
+def _charges(conn: psycopg.Connection, dead: DeadWorker, held: list[HeldStep],
+             interrupted: list[RunningStep]) -> list[Charge]:
+    """The attempt each interrupted step is charged, under its step's retry policy."""
+    definitions: dict[tuple[str, int], Sequence] = {}
+    charges = []
+    for row in held:
+        key = (row.sequence_name, row.sequence_version)
+        if key not in definitions:
+            definitions[key] = get_sequence(*key).run(conn)
+        steps = definitions[key].steps
+        if row.step_index >= len(steps):
+            continue
+        step = steps[row.step_index]
+        attempt = row.attempt + 1
+        # Only the execution the row is still at: not an older one whose thread outlived
+        # its timed-out step, nor a step the instance has already moved past.
+        if not any(s.instance_id == row.id and s.step_id == step.id and s.attempt == attempt
+                   for s in interrupted):
+            continue
+        error = f"worker {dead.cause} while running step {step.id}"
+        retry = attempt < step.retry.max_attempts
+        charges.append(Charge(row.id, row.epoch, error,
+                              backoff_ms(step.retry, attempt) if retry else None))
+    return charges

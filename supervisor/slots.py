@@ -1,8 +1,9 @@
 """Worker slots: one per worker the node runs, each holding at most one live process.
 
 A slot outlives its processes. It remembers which incarnation its current process claims
-under (so the supervisor can release exactly that process's claims when it dies), when it
-last heard from it (to find a hung one), and how often it failed (for restart backoff).
+under (so the supervisor can release exactly that process's claims when it dies), the table
+of handlers that process is running (so it can charge the steps a death interrupted), when
+it last heard from it (to find a hung one), and how often it failed (for restart backoff).
 """
 
 from __future__ import annotations
@@ -21,12 +22,15 @@ from multiprocessing.process import BaseProcess
 from orch8.api.node import WorkerReport
 from supervisor.child import BOOT_FAILED_EXIT, WorkerStart, run_worker
 from supervisor.protocol import Message, encode
+from supervisor.running import RunningStep, RunningTable, table_rows
 
 log = logging.getLogger("orch8.supervisor")
 
+# Restarts after a death wait 0.5 s, 1 s, 2 s, ... up to 30 s while the worker keeps dying
+# young; a worker that lived this long before dying was healthy: its restart is immediate
+# and the backoff starts over.
 BACKOFF_FIRST_S = 0.5
 BACKOFF_MAX_S = 30.0
-# A worker that lived this long before dying was healthy: its next restart is immediate.
 HEALTHY_AFTER_S = 30.0
 
 
@@ -56,9 +60,12 @@ class WorkerSlot:
     booted: bool = False
     failures: int = 0
     restart_at: float = 0.0
-    # Claims of a dead process not yet released (the database was unreachable).
-    pending_release: uuid.UUID | None = None
+    # Claims of a dead process not yet settled (the database was unreachable).
+    pending_release: DeadWorker | None = None
     latest: WorkerReport | None = field(default=None)
+    running: RunningTable | None = None
+    # Processes started in this slot, the first one included.
+    spawned: int = 0
 
     @property
     def alive(self) -> bool:
@@ -67,15 +74,22 @@ class WorkerSlot:
     def spawn(self, context: ForkServerContext | SpawnContext, start: WorkerStart) -> None:
         """Start a process for this slot."""
         ours, theirs = context.Pipe(duplex=True)
-        process = context.Process(target=run_worker, args=(start, theirs),
+        running = RunningTable.create(table_rows(start.settings.max_in_flight))
+        process = context.Process(target=run_worker, args=(start, theirs, running),
                                   name=f"orch8-worker-{self.number}", daemon=False)
-        process.start()
+        try:
+            process.start()
+        except BaseException:
+            running.close()
+            raise
         # Close our copy of the child's end: when we die, the child's read sees EOF.
         theirs.close()
         now = time.monotonic()
         self.process, self.pipe, self.incarnation = process, ours, start.incarnation
+        self.running = running
         self.started_at = self.last_heard_at = now
         self.booted = False
+        self.spawned += 1
         log.info("worker %d started (pid %s)", self.number, process.pid)
 
     def send(self, message: Message) -> None:
@@ -94,28 +108,48 @@ class WorkerSlot:
             except ProcessLookupError:
                 pass
 
-    def reap(self) -> str:
-        """Collect the exited process; return why it ended, for the log."""
-        assert self.process is not None
+    def reap(self) -> DeadWorker:
+        """Collect the exited process: why it ended and what it was running."""
+        assert self.process is not None and self.incarnation is not None
         self.process.join(0)
         code = self.process.exitcode
         if self.pipe is not None:
             self.pipe.close()
-        self.process, self.pipe = None, None
+        running: list[RunningStep] = []
+        if self.running is not None:
+            running = self.running.steps()  # the process is gone: the table is final
+            self.running.close()
+        dead = DeadWorker(self.number, self.process.pid or 0, self.incarnation,
+                          describe_exit(code), tuple(running))
+        self.process, self.pipe, self.running = None, None, None
         if self.latest is not None:
             self.latest = replace(self.latest, alive=False)
-        return describe_exit(code)
+        return dead
 
     def schedule_restart(self) -> float:
-        """Back off after repeated failures; return the delay chosen."""
+        """Back off while the worker keeps dying young; return the delay chosen."""
         now = time.monotonic()
         if now - self.started_at > HEALTHY_AFTER_S:
             self.failures = 0
-        delay = 0.0 if self.failures == 0 else min(
-            BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** (self.failures - 1))
-        self.failures += 1
+            delay = 0.0
+        else:
+            delay = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** self.failures)
+            self.failures += 1
         self.restart_at = now + delay
         return delay
+
+
+@dataclass(frozen=True)
+class DeadWorker:
+    """A worker process that has exited, as its slot saw it."""
+
+    slot: int
+    pid: int
+    incarnation: uuid.UUID
+    # "exited with code 1", "killed by SIGKILL", ...
+    cause: str
+    # Steps whose handler was running when it ended.
+    running: tuple[RunningStep, ...]
 
 
 def describe_exit(code: int | None) -> str:

@@ -1,15 +1,18 @@
 """Handlers the supervisor tests run inside real worker processes.
 
 `record` writes one row per execution (which node, which process) before sleeping, so a
-test can prove from data which process ran what, and how many times.
+test can prove from data which process ran what, and how many times. `poison` ends its
+own process, after writing its execution to a ledger file.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import signal
 from typing import Any
 
+import orjson
 import psycopg
 
 from orch8 import StepContext, handler
@@ -42,3 +45,23 @@ async def record(ctx: StepContext, params: dict[str, Any]) -> dict[str, Any]:
         await conn.execute(RECORD, row)
     await asyncio.sleep(params.get("ms", 0) / 1000)
     return {"node": node_id, "pid": os.getpid()}
+
+
+def append_to_ledger(path: str, entry: dict[str, Any]) -> None:
+    """One JSON line per event, on disk (fsync) before anything else happens."""
+    with open(path, "a", encoding="utf-8") as ledger:
+        ledger.write(orjson.dumps(entry).decode() + "\n")
+        ledger.flush()
+        os.fsync(ledger.fileno())
+
+
+@handler("poison")
+def poison(ctx: StepContext, params: dict[str, Any]) -> dict[str, Any]:
+    """Record the execution in `params.ledger` (a file, not the database), then end this
+    worker process: `params.mode` "exit" calls os._exit(1), "sigkill" SIGKILLs itself."""
+    append_to_ledger(params["ledger"], {
+        "instance": str(ctx.instance_id), "step": ctx.step_id, "attempt": ctx.attempt,
+        "node": os.environ.get("ORCH8_NODE_ID", "?"), "pid": os.getpid()})
+    if params["mode"] == "sigkill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    os._exit(1)

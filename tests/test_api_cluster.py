@@ -35,6 +35,9 @@ class StaticNode:
     def is_ready(self) -> bool:
         return self.ready
 
+    def unready_reason(self) -> str:
+        return self.phase if self.phase != "active" else "not ready"
+
     def reports(self) -> list[WorkerReport]:
         return []
 

@@ -51,6 +51,9 @@ class QuietNode:
     def is_ready(self) -> bool:
         return True
 
+    def unready_reason(self) -> str:
+        return "ready"
+
     def reports(self) -> list[WorkerReport]:
         return []
 

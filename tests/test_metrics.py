@@ -131,6 +131,9 @@ class ReportingNode:
     def is_ready(self) -> bool:
         return True
 
+    def unready_reason(self) -> str:
+        return "ready"
+
     def reports(self) -> list[WorkerReport]:
         return list(self.latest.values())
 

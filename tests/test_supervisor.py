@@ -68,10 +68,12 @@ def cluster(db: str, tmp_path: Any) -> Iterator[Cluster]:
         nodes.close()
 
 
-def start_instances(dsn: str, count: int, ms: int) -> list[uuid.UUID]:
+def start_instances(dsn: str, count: int, ms: int, max_attempts: int = 1) -> list[uuid.UUID]:
     with Client(dsn) as client:
         client.create_sequence("work", [{"id": "only", "handler": "record",
-                                         "params": {"ms": ms}}])
+                                         "params": {"ms": ms},
+                                         "retry": {"max_attempts": max_attempts,
+                                                   "initial_backoff_ms": 10}}])
         created = client.start_many([{"sequence": "work", "input": {"n": n}}
                                      for n in range(count)])
     return [c.id for c in created]
@@ -179,7 +181,8 @@ def test_two_supervisors_share_one_database(cluster: Cluster, db: str) -> None:
 def test_killed_worker_is_released_at_once_and_restarted(cluster: Cluster, db: str) -> None:
     # A long stale threshold: anything re-run quickly was released by the supervisor.
     node = cluster.start("node-a", ORCH8_STALE_THRESHOLD_SECS="60", **ONE_AT_A_TIME)
-    ids = start_instances(db, 4, ms=2500)
+    # The step running in the killed worker is charged an attempt: give it a second one.
+    ids = start_instances(db, 4, ms=2500, max_attempts=2)
     [(victim_instance, victim_pid), *_] = wait_until(
         lambda: in_flight_on(db, "node-a"), 20, "a step in flight")
     killed_at = time.monotonic()
@@ -191,7 +194,11 @@ def test_killed_worker_is_released_at_once_and_restarted(cluster: Cluster, db: s
     assert_each_completed_once(db, ids)
     log = node.log()
     assert f"(pid {victim_pid}) killed by SIGKILL" in log
-    assert "released 1 claimed instances" in log
+    assert (f"instance {victim_instance}: worker killed by SIGKILL while running step only; "
+            "retrying in") in log
+    attempts = [a for i, a in query(db, "SELECT instance_id, attempt FROM test_executions")
+                if i == victim_instance]
+    assert sorted(attempts) == [1, 2], "the killed execution counted as the first attempt"
     wait_until(lambda: len(node.worker_pids()) == 2 and victim_pid not in node.worker_pids(),
                20, "the worker to be restarted")
     wait_until(lambda: node.ready_status() == 200, 20, "the node to be ready again")

@@ -1,8 +1,9 @@
 """Health probes and the cluster view: what load balancers and operators ask a node.
 
 `/health/live` answers while the process runs. `/health/ready` answers 200 `ok` only
-while the node is active, its workers are up and its database answers; it turns 503 the
-moment a drain begins, which is what takes the node out of a load balancer's rotation.
+while the node is active, at least one of its workers is up and its database answers; it
+turns 503 (the body says why) the moment a drain begins, which is what takes the node out
+of a load balancer's rotation.
 """
 
 from __future__ import annotations
@@ -36,8 +37,7 @@ def routes(node: NodeView) -> list[BaseRoute]:
 
     async def ready(request: Request) -> Response:
         if not node.is_ready():
-            return PlainTextResponse(node.state() if node.state() != "active" else "not ready",
-                                     status_code=503)
+            return PlainTextResponse(node.unready_reason(), status_code=503)
         if not await _database_answers(node):
             return PlainTextResponse("database unreachable", status_code=503)
         return PlainTextResponse("ok")

@@ -47,7 +47,11 @@ class NodeView(Protocol):
         ...
 
     def is_ready(self) -> bool:
-        """Active, database reachable, every worker up: what /health/ready reports."""
+        """Active, database reachable, at least one worker up: what /health/ready reports."""
+        ...
+
+    def unready_reason(self) -> str:
+        """Why the node is not ready ("draining", "no worker is up", ...): the 503 body."""
         ...
 
     def reports(self) -> list[WorkerReport]:

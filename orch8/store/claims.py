@@ -342,3 +342,76 @@ def release_owner(
     """Release every claim of one incarnation (or one worker slot of it); return how many."""
     row = conn.execute(RELEASE_OWNER, release_owner_params(incarnation, slot)).fetchone()
     return int(row[0]) if row else 0
+
+
+@dataclass(frozen=True)
+class HeldStep:
+    """An instance a dead worker still held, as locked for settling its claim."""
+
+    id: uuid.UUID
+    epoch: int
+    sequence_name: str
+    sequence_version: int
+    step_index: int
+    # Attempts already charged at this step (the handler saw attempt + 1).
+    attempt: int
+
+
+# The rows still held by one worker slot's claims among `ids`, locked until the caller's
+# transaction ends, so that the charge and the release after it see them as they are now
+# (a concurrent sweep of the same rows waits for us, or we for it, and re-checks).
+LOCK_HELD = """
+SELECT id, claim_epoch AS epoch, sequence_name, sequence_version, step_index, attempt
+FROM instances
+WHERE id = ANY(%(ids)s::uuid[]) AND state = 'running'
+  AND claim_incarnation = %(incarnation)s AND claimed_slot = %(slot)s
+FOR UPDATE
+"""
+
+
+def lock_held(conn: psycopg.Connection[Any], incarnation: uuid.UUID, slot: int,
+              ids: Sequence[uuid.UUID]) -> list[HeldStep]:
+    """Lock the instances among `ids` still claimed by `slot` of `incarnation`."""
+    params = {"ids": list(ids), "incarnation": incarnation, "slot": slot}
+    with conn.cursor(row_factory=dict_row) as cursor:
+        cursor.execute(LOCK_HELD, params)
+        return [HeldStep(**row) for row in cursor.fetchall()]
+
+
+@dataclass(frozen=True)
+class Charge:
+    """One interrupted step charged an attempt: retried after `backoff_ms`, or failed
+    (the dead letter) when `backoff_ms` is None."""
+
+    id: uuid.UUID
+    epoch: int
+    error: str
+    backoff_ms: int | None
+
+
+# A step whose handler was running when its worker process died counts as an attempt.
+# Fenced like every write after a claim (epoch and state), and the epoch rises as in any
+# release, so a write the dead process had in flight can never land.
+CHARGE = """
+UPDATE instances i
+SET attempt = i.attempt + 1, last_error = c.error, claim_epoch = i.claim_epoch + 1,
+    updated_at = now(), claimed_by = NULL, claim_incarnation = NULL, claimed_slot = NULL,
+    state = CASE WHEN c.backoff_ms IS NULL THEN 'failed' ELSE 'scheduled' END,
+    next_fire_at = CASE WHEN c.backoff_ms IS NULL THEN i.next_fire_at
+                        ELSE now() + c.backoff_ms * interval '1 millisecond' END,
+    finished_at = CASE WHEN c.backoff_ms IS NULL THEN now() END
+FROM unnest(%(ids)s::uuid[], %(epochs)s::bigint[], %(errors)s::text[],
+            %(backoff_ms)s::int[]) AS c(id, epoch, error, backoff_ms)
+WHERE i.id = c.id AND i.claim_epoch = c.epoch AND i.state = 'running'
+RETURNING i.id, i.state
+"""
+
+
+def charge(conn: psycopg.Connection[Any], charges: Sequence[Charge]) -> dict[uuid.UUID, str]:
+    """Charge each step an attempt; return the new state of each instance it applied to."""
+    if not charges:
+        return {}
+    params = {"ids": [c.id for c in charges], "epochs": [c.epoch for c in charges],
+              "errors": [c.error for c in charges],
+              "backoff_ms": [c.backoff_ms for c in charges]}
+    return {row[0]: row[1] for row in conn.execute(CHARGE, params).fetchall()}
