@@ -5,6 +5,7 @@
     orch8 run SEQUENCE [--input JSON] [--priority P] [--delay-ms MS] [--wait]
     orch8 instances list [--state S] | get ID | cancel ID | retry ID
     orch8 rate-limits set HANDLER --max N --window-ms MS | list | delete HANDLER
+    orch8 rollout NODE=URL... --restart COMMAND [--min-ready N] [--dry-run]
     orch8 migrate
 
 The node is `ORCH8_URL` (default http://127.0.0.1:8080) or `--url`; the token comes from
@@ -24,7 +25,7 @@ from typing import Any
 
 import orjson
 
-from orch8 import commands
+from orch8 import commands, rollout
 from orch8.config import Settings
 from orch8.database import redact, resolve_dsn
 from orch8.errors import Orch8Error
@@ -59,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sequences(top, common)
     _add_instances(top, common)
     _add_rate_limits(top, common)
+    rollout.add_command(top)
     migrate = top.add_parser("migrate", help="apply database migrations and exit")
     migrate.set_defaults(run=run_migrate)
     return parser

@@ -83,6 +83,7 @@ class Supervisor:
         self._beats_stop = asyncio.Event()
         self._signals = SignalQueue(self._wake)
         self._heartbeat = Heartbeat(settings, dsn, self)
+        self._systemd = systemd.Notifier(settings, self._slots, self._heartbeat)
         self._listeners: list[ReportListener] = []
         # What the supervisor itself did (settled a dead worker's claims, restarted it),
         # counted like a worker's counters and published to the same listeners.
@@ -224,6 +225,8 @@ class Supervisor:
             if not self._announced and self.is_ready():
                 systemd.notify(f"READY=1\nSTATUS=node {self.node_id} ready")
                 self._announced = True
+            if self._announced:  # STATUS lines and watchdog pings follow READY=1
+                self._systemd.tick(self.state(), self.summary())
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), TICK_S)

@@ -19,6 +19,7 @@ import asyncio
 import logging
 import os
 import socket
+import time
 import uuid
 from typing import Any, Protocol
 
@@ -59,6 +60,9 @@ class Heartbeat:
         self._owner = owner
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._wake = asyncio.Event()
+        # When a beat last succeeded (monotonic): the systemd watchdog pings only while
+        # this is recent. Start-up counts as one: the node has just registered.
+        self.last_beat_at = time.monotonic()
 
     def wake(self) -> None:
         """Beat now rather than at the end of the interval (a drain began)."""
@@ -86,6 +90,7 @@ class Heartbeat:
         while not stop.is_set():
             try:
                 await asyncio.wait_for(self.run_once(), timeout=max(5.0, interval))
+                self.last_beat_at = time.monotonic()
                 self._owner.on_database(True)
             except (psycopg.Error, OSError, TimeoutError) as error:
                 log.warning("heartbeat failed (%s); retrying", error)

@@ -328,7 +328,8 @@ def test_systemd_is_told_when_ready_and_when_stopping(cluster: Cluster, db: str,
         ready = systemd.recv(1000).decode()
         assert ready.startswith("READY=1") and node.ready_status() == 200
         node.signal(signal.SIGTERM)
-        assert systemd.recv(1000).decode().startswith("STOPPING=1")
+        # STATUS lines may come first (supervisor.systemd); the stop is announced next.
+        wait_until(lambda: systemd.recv(1000).startswith(b"STOPPING=1"), 20, "STOPPING=1")
         assert node.wait_exit(20) == 0
 
 
