@@ -13,12 +13,16 @@ Every fenced block in a shell or Python language must be preceded by one marker 
     <!-- test: output -->       (any language) what the `run` block before it printed,
                                 compared line by line
     <!-- test: skip REASON -->  not run; the reason is required
+    <!-- test: install -->      the set-up command (makes `.venv`, installs, starts a node):
+                                a `node` block in the slow fresh-clone test, which has no
+                                `.venv` yet; skipped by the others, which bring their own
 
 A shell or Python block without a marker is a problem the README test reports, so a block
 added without thought fails the suite instead of silently going untested. Blocks in other
 languages (`text`, `json`, ...) need no marker. Everything runs in a scratch directory that
-holds a link to the test run's virtual environment as `.venv` and a copy of `examples/`,
-with the environment the caller gives (the database and the node's address).
+holds a link to the test run's virtual environment as `.venv` and a copy of `examples/`
+(or, for the fresh-clone test, in a copy of the repository with no `.venv`), with the
+environment the caller gives (the database and the node's address).
 """
 
 from __future__ import annotations
@@ -41,10 +45,12 @@ import httpx
 SHELL_LANGUAGES = frozenset({"sh", "bash", "shell", "console", "zsh"})
 PYTHON_LANGUAGES = frozenset({"python", "py", "python3", "pycon"})
 CHECKED_LANGUAGES = SHELL_LANGUAGES | PYTHON_LANGUAGES
-ACTIONS = frozenset({"run", "node", "file", "output", "skip"})
+ACTIONS = frozenset({"run", "node", "file", "output", "skip", "install"})
 
 BLOCK_TIMEOUT_S = 180
 NODE_READY_TIMEOUT_S = 60
+# The set-up command installs the project from the package index before the node starts.
+INSTALL_READY_TIMEOUT_S = 900
 NODE_STOP_TIMEOUT_S = 60
 
 _FENCE = re.compile(r"^(?P<indent> {0,3})(?P<fence>`{3,}|~{3,})\s*(?P<info>[^`]*)$")
@@ -134,7 +140,7 @@ def _check(block: Block) -> list[str]:
         return [f"{block.where}: `file` needs a file name"]
     if block.action in ("run", "node") and block.language not in CHECKED_LANGUAGES:
         return [f"{block.where}: only shell and Python blocks can be run"]
-    if block.action == "node" and block.language not in SHELL_LANGUAGES:
+    if block.action in ("node", "install") and block.language not in SHELL_LANGUAGES:
         return [f"{block.where}: a node is started by a shell block"]
     return []
 
@@ -147,7 +153,7 @@ class Session:
     """Runs one document's blocks in order, in a scratch directory, like one reader."""
 
     def __init__(self, document_path: Path, directory: Path, environment: dict[str, str],
-                 examples: Path | None = None) -> None:
+                 examples: Path | None = None, *, fresh_clone: bool = False) -> None:
         self.document_path = document_path
         self.directory = directory
         self.environment = environment
@@ -156,7 +162,9 @@ class Session:
         self.node_logs: list[Path] = []
         self.node_exit_codes: list[int] = []
         self._last_output: str | None = None
-        (directory / ".venv").symlink_to(Path(sys.prefix), target_is_directory=True)
+        self.fresh_clone = fresh_clone
+        if not fresh_clone:
+            (directory / ".venv").symlink_to(Path(sys.prefix), target_is_directory=True)
         if examples is not None:
             shutil.copytree(examples, directory / "examples",
                             ignore=shutil.ignore_patterns("__pycache__"))
@@ -166,7 +174,7 @@ class Session:
             target = self.directory / block.argument
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(block.source)
-        elif block.action == "node":
+        elif block.action == "node" or (block.action == "install" and self.fresh_clone):
             self.stop_node()
             self._start_node(block)
         elif block.action == "run":
@@ -211,7 +219,8 @@ class Session:
             self.node = subprocess.Popen(
                 ["bash", "-c", block.source], cwd=self.directory, env=self.environment,
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + NODE_READY_TIMEOUT_S
+        deadline = time.monotonic() + (
+            INSTALL_READY_TIMEOUT_S if block.action == "install" else NODE_READY_TIMEOUT_S)
         while not self._node_ready():
             if self.node.poll() is not None:
                 raise BlockFailed(self._report(block, f"the node exited with code "
