@@ -42,10 +42,17 @@ class Client:
             # A script may start the embedded server before any node has run: make sure
             # the schema is there (under the same lock nodes take; a no-op when it is).
             migrate(dsn)
+        self._dsn = dsn
         self._pool = ConnectionPool(
             dsn, min_size=1, max_size=4, kwargs={"autocommit": True}, open=True,
             name="orch8-client",
         )
+
+    @property
+    def dsn(self) -> str:
+        """The database this client uses (the embedded server's when none was named), for
+        an application's own connections, such as the one it gives `enqueue`."""
+        return self._dsn
 
     def close(self) -> None:
         self._pool.close()

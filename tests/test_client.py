@@ -12,6 +12,7 @@ def test_client_without_a_dsn_reads_database_url(dsn, monkeypatch):
     monkeypatch.setenv("DATABASE_URL", dsn)
     with Client() as client:
         client.create_sequence("env", [{"id": "a", "handler": "noop"}])
+        assert client.dsn == dsn  # what an application gives its own connections
     with Client(dsn) as explicit:
         assert [s.name for s in explicit.list_sequences()] == ["env"]
 

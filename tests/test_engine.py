@@ -84,8 +84,12 @@ def test_non_retryable_error_fails_at_once(dsn, client):
     assert (done.state, done.attempt, done.last_error) == (State.FAILED, 1, "card declined")
 
 
+UNKNOWN = ("unknown handler 'no_such_handler' (this node loaded: orch8.handlers.builtin, "
+           "tests.handlers_core; set ORCH8_HANDLERS to the module that defines it)")
+
+
 @pytest.mark.parametrize("handler, error", [
-    ("no_such_handler", "unknown handler 'no_such_handler'"),
+    ("no_such_handler", UNKNOWN),
     ("test_not_a_dict", "handler returned list, not a dict"),
 ])
 def test_handler_mistakes_fail_the_instance_not_the_worker(dsn, client, handler, error):
@@ -98,6 +102,18 @@ def test_handler_mistakes_fail_the_instance_not_the_worker(dsn, client, handler,
     assert client.get(bad.id).state == State.FAILED
     assert client.get(bad.id).last_error == error
     assert client.get(good.id).state == State.COMPLETED
+
+
+def test_an_unknown_handler_is_logged_once_per_name_not_per_instance(dsn, client, caplog):
+    client.create_sequence("typo", [{"id": "s", "handler": "sned_email"}])
+    client.create_sequence("typo2", [{"id": "s", "handler": "chrage_card"}])
+    created = [client.start("typo") for _ in range(5)] + [client.start("typo2")]
+    with caplog.at_level("WARNING", logger="orch8.handlers"):
+        run_workers_until(dsn, finished(client, *(c.id for c in created)))
+    assert {client.get(c.id).state for c in created} == {State.FAILED}
+    warned = [r.getMessage() for r in caplog.records if "unknown handler" in r.getMessage()]
+    # Earlier tests in this process may already have reported other names; these two are new.
+    assert sorted(m.split("'")[1] for m in warned) == ["chrage_card", "sned_email"]
 
 
 def test_step_timeout_is_a_retryable_failure(dsn, client):

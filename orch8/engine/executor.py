@@ -113,7 +113,7 @@ class Executor:
         """
         handler = self._registry.get(step.handler)
         if handler is None:
-            return Outcome(error=f"unknown handler {step.handler!r}", retryable=False)
+            return Outcome(error=self._registry.unknown(step.handler), retryable=False)
         function = handler.function if on_start is None else _announcing(
             handler.function, handler.is_async, on_start)
         started = time.perf_counter()

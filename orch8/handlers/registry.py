@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import logging
+import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from orch8.errors import ConfigError
 from orch8.handlers.context import StepContext
+
+log = logging.getLogger("orch8.handlers")
 
 HandlerFunction = Callable[[StepContext, dict[str, Any]], Any]
 
@@ -38,6 +43,9 @@ class Handler:
 class Registry:
     def __init__(self) -> None:
         self._handlers: dict[str, Handler] = {}
+        # Unknown names already logged: a sequence naming a missing handler may have
+        # thousands of instances, and one warning says all there is to say.
+        self._reported_unknown: set[str] = set()
 
     def register(self, name: str, function: HandlerFunction) -> None:
         """Register `function` under `name`; registering a name twice is a mistake."""
@@ -52,6 +60,23 @@ class Registry:
 
     def names(self) -> list[str]:
         return sorted(self._handlers)
+
+    def modules(self) -> list[str]:
+        """The modules the registered handlers come from (the built-ins' included)."""
+        return sorted({entry.function.__module__ for entry in self._handlers.values()})
+
+    def unknown(self, name: str) -> str:
+        """The error for a step naming a handler this process lacks, saying how to fix it.
+
+        Logged as a warning the first time per name; the message goes on every instance.
+        """
+        loaded = ", ".join(self.modules()) or "nothing"
+        message = (f"unknown handler {name!r} (this node loaded: {loaded}; "
+                   "set ORCH8_HANDLERS to the module that defines it)")
+        if name not in self._reported_unknown:
+            self._reported_unknown.add(name)
+            log.warning("%s", message)
+        return message
 
 
 default_registry = Registry()
@@ -77,6 +102,8 @@ def load_modules(modules: tuple[str, ...] | list[str]) -> None:
     """
     import orch8.handlers.builtin  # noqa: F401  (registers noop, log, sleep, fail)
 
+    if modules:
+        _importable_from_working_directory()
     for module in modules:
         try:
             importlib.import_module(module)
@@ -84,3 +111,15 @@ def load_modules(modules: tuple[str, ...] | list[str]) -> None:
             raise ConfigError(f"cannot load handler module {module!r}: {error}") from None
 
 
+
+
+def _importable_from_working_directory() -> None:
+    """Look modules up in the working directory first, as celery, gunicorn and uvicorn do.
+
+    A console script's `sys.path` starts with its own `bin/` directory, not the one it was
+    started from, so without this `ORCH8_HANDLERS=tasks orch8-supervisor` would not find
+    `./tasks.py`, the first thing a newcomer tries.
+    """
+    here = os.getcwd()
+    if here not in sys.path and "" not in sys.path:
+        sys.path.insert(0, here)
