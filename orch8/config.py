@@ -40,6 +40,14 @@ class Settings:
     commit_max_batch: int = 500
     # A worker that sends its supervisor no report for this long is killed and restarted.
     worker_timeout_s: float = 30.0
+    # The HTTP API (served by the supervisor): database connections for its requests;
+    # requests worked on at once (the excess is refused at once with 503 and Retry-After);
+    # the listen backlog (bursts of new connections wait here instead of losing SYNs); how
+    # long a request's body may take to arrive (a slow sender is answered 408).
+    api_pool_size: int = 4
+    api_max_requests: int = 64
+    api_backlog: int = 1024
+    api_read_timeout_s: float = 10.0
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -74,6 +82,10 @@ class Settings:
             ("ORCH8_COMMIT_LINGER_MS", 0 <= self.commit_linger_ms <= 1000),
             ("ORCH8_COMMIT_MAX_BATCH", 1 <= self.commit_max_batch <= 10_000),
             ("ORCH8_WORKER_TIMEOUT_SECS", 2 <= self.worker_timeout_s <= 3600),
+            ("ORCH8_API_POOL_SIZE", 1 <= self.api_pool_size <= 100),
+            ("ORCH8_API_MAX_REQUESTS", 1 <= self.api_max_requests <= 100_000),
+            ("ORCH8_API_BACKLOG", 1 <= self.api_backlog <= 65_535),
+            ("ORCH8_API_READ_TIMEOUT_SECS", 0 < self.api_read_timeout_s <= 3600),
         ]
         for variable, ok in checks:
             if not ok:
@@ -161,6 +173,10 @@ FIELDS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
     ("ORCH8_COMMIT_LINGER_MS", "commit_linger_ms", _seconds),
     ("ORCH8_COMMIT_MAX_BATCH", "commit_max_batch", _positive_int),
     ("ORCH8_WORKER_TIMEOUT_SECS", "worker_timeout_s", _seconds),
+    ("ORCH8_API_POOL_SIZE", "api_pool_size", _positive_int),
+    ("ORCH8_API_MAX_REQUESTS", "api_max_requests", _positive_int),
+    ("ORCH8_API_BACKLOG", "api_backlog", _positive_int),
+    ("ORCH8_API_READ_TIMEOUT_SECS", "api_read_timeout_s", _seconds),
 )
 
 # Variables read elsewhere (the command-line client, the test suite), not by the node.

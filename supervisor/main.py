@@ -119,7 +119,7 @@ def _run(settings: Settings) -> int:
     from supervisor.arbiter import Supervisor
 
     try:
-        address = http.listen(settings.bind)
+        address = http.listen(settings.bind, settings.api_backlog)
     except OSError as error:
         raise StartupError(f"cannot listen on {settings.bind}: {error}") from None
     dsn = resolve_dsn(settings.database_url, settings.data_dir)
