@@ -90,6 +90,11 @@ class Settings:
         for variable, ok in checks:
             if not ok:
                 raise ConfigError(f"{variable}: value out of range")
+        if self.api_token is not None and (not self.api_token.strip()
+                                           or self.api_token != self.api_token.strip()):
+            # A blank token would count as set (no loopback-only rule) yet match no client.
+            raise ConfigError("ORCH8_API_TOKEN: must not be blank or begin or end with "
+                              "whitespace")
         if self.node_id is not None and not _is_node_id(self.node_id):
             raise ConfigError("ORCH8_NODE_ID: use 1-64 letters, digits, '-', '_' or '.'")
         return self
@@ -115,15 +120,23 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 def _positive_int(raw: str) -> int:
     value = int(raw)
-    if value < 0:
-        raise ValueError("must not be negative")
+    if value < 1:
+        raise ValueError("must be a positive integer")
     return value
 
 
 def _seconds(raw: str) -> float:
+    return _non_negative(raw, "seconds")
+
+
+def _milliseconds(raw: str) -> float:
+    return _non_negative(raw, "milliseconds")
+
+
+def _non_negative(raw: str, unit: str) -> float:
     value = float(raw)
     if not value >= 0 or value == float("inf"):
-        raise ValueError("must be a non-negative number of seconds")
+        raise ValueError(f"must be a non-negative number of {unit}")
     return value
 
 
@@ -170,7 +183,7 @@ FIELDS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
     ("ORCH8_LOG_LEVEL", "log_level", _upper),
     ("ORCH8_API_TOKEN", "api_token", _text),
     ("ORCH8_INSECURE", "insecure", _boolean),
-    ("ORCH8_COMMIT_LINGER_MS", "commit_linger_ms", _seconds),
+    ("ORCH8_COMMIT_LINGER_MS", "commit_linger_ms", _milliseconds),
     ("ORCH8_COMMIT_MAX_BATCH", "commit_max_batch", _positive_int),
     ("ORCH8_WORKER_TIMEOUT_SECS", "worker_timeout_s", _seconds),
     ("ORCH8_API_POOL_SIZE", "api_pool_size", _positive_int),
