@@ -24,12 +24,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
+import psycopg
 
 from orch8 import commands, rollout
 from orch8.config import Settings
 from orch8.database import redact, resolve_dsn
 from orch8.errors import Orch8Error
-from orch8.remote import Remote
+from orch8.remote import Remote, is_http_url
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -165,7 +166,10 @@ def run_migrate(args: argparse.Namespace) -> int:
     from orch8.migrate import migrate
 
     settings = Settings.from_environ()
-    applied = migrate(resolve_dsn(settings.database_url, settings.data_dir))
+    try:
+        applied = migrate(resolve_dsn(settings.database_url, settings.data_dir))
+    except psycopg.Error as error:
+        raise Orch8Error(f"cannot migrate the database: {error}") from None
     print(f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else ""))
     return EXIT_OK
 
@@ -179,21 +183,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError("a command is required (see orch8 --help)")
         if run is run_migrate:
             return run(args)
+        if args.url is not None and not is_http_url(args.url):
+            raise UsageError(f"--url: must be an http:// or https:// address, not {args.url!r}")
         return run(args, Remote(args.url))
-    except UsageError as error:
-        print(f"orch8: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    except commands.CommandUsageError as error:
-        print(f"orch8: {error}", file=sys.stderr)
+    except (UsageError, commands.CommandUsageError) as error:
+        _say(str(error))
         return EXIT_USAGE
     except Orch8Error as error:
-        print(f"orch8: {redact(str(error))}", file=sys.stderr)
+        _say(str(error))
         return EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_FAILED
     except Exception as error:  # a last resort: one line, never a traceback
-        print(f"orch8: {type(error).__name__}: {redact(str(error))}", file=sys.stderr)
+        _say(f"unexpected error: {error}")
         return EXIT_FAILED
+
+
+def _say(message: str) -> None:
+    """One line on stderr, password-free (psycopg's messages span several lines)."""
+    print(f"orch8: {redact(' '.join(message.split()))}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,14 @@ class Settings:
     commit_max_batch: int = 500
     # A worker that sends its supervisor no report for this long is killed and restarted.
     worker_timeout_s: float = 30.0
+    # The HTTP API (served by the supervisor): database connections for its requests;
+    # requests worked on at once (the excess is refused at once with 503 and Retry-After);
+    # the listen backlog (bursts of new connections wait here instead of losing SYNs); how
+    # long a request's body may take to arrive (a slow sender is answered 408).
+    api_pool_size: int = 4
+    api_max_requests: int = 64
+    api_backlog: int = 1024
+    api_read_timeout_s: float = 10.0
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -74,10 +82,19 @@ class Settings:
             ("ORCH8_COMMIT_LINGER_MS", 0 <= self.commit_linger_ms <= 1000),
             ("ORCH8_COMMIT_MAX_BATCH", 1 <= self.commit_max_batch <= 10_000),
             ("ORCH8_WORKER_TIMEOUT_SECS", 2 <= self.worker_timeout_s <= 3600),
+            ("ORCH8_API_POOL_SIZE", 1 <= self.api_pool_size <= 100),
+            ("ORCH8_API_MAX_REQUESTS", 1 <= self.api_max_requests <= 100_000),
+            ("ORCH8_API_BACKLOG", 1 <= self.api_backlog <= 65_535),
+            ("ORCH8_API_READ_TIMEOUT_SECS", 0 < self.api_read_timeout_s <= 3600),
         ]
         for variable, ok in checks:
             if not ok:
                 raise ConfigError(f"{variable}: value out of range")
+        if self.api_token is not None and (not self.api_token.strip()
+                                           or self.api_token != self.api_token.strip()):
+            # A blank token would count as set (no loopback-only rule) yet match no client.
+            raise ConfigError("ORCH8_API_TOKEN: must not be blank or begin or end with "
+                              "whitespace")
         if self.node_id is not None and not _is_node_id(self.node_id):
             raise ConfigError("ORCH8_NODE_ID: use 1-64 letters, digits, '-', '_' or '.'")
         return self
@@ -103,15 +120,23 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 def _positive_int(raw: str) -> int:
     value = int(raw)
-    if value < 0:
-        raise ValueError("must not be negative")
+    if value < 1:
+        raise ValueError("must be a positive integer")
     return value
 
 
 def _seconds(raw: str) -> float:
+    return _non_negative(raw, "seconds")
+
+
+def _milliseconds(raw: str) -> float:
+    return _non_negative(raw, "milliseconds")
+
+
+def _non_negative(raw: str, unit: str) -> float:
     value = float(raw)
     if not value >= 0 or value == float("inf"):
-        raise ValueError("must be a non-negative number of seconds")
+        raise ValueError(f"must be a non-negative number of {unit}")
     return value
 
 
@@ -158,9 +183,13 @@ FIELDS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
     ("ORCH8_LOG_LEVEL", "log_level", _upper),
     ("ORCH8_API_TOKEN", "api_token", _text),
     ("ORCH8_INSECURE", "insecure", _boolean),
-    ("ORCH8_COMMIT_LINGER_MS", "commit_linger_ms", _seconds),
+    ("ORCH8_COMMIT_LINGER_MS", "commit_linger_ms", _milliseconds),
     ("ORCH8_COMMIT_MAX_BATCH", "commit_max_batch", _positive_int),
     ("ORCH8_WORKER_TIMEOUT_SECS", "worker_timeout_s", _seconds),
+    ("ORCH8_API_POOL_SIZE", "api_pool_size", _positive_int),
+    ("ORCH8_API_MAX_REQUESTS", "api_max_requests", _positive_int),
+    ("ORCH8_API_BACKLOG", "api_backlog", _positive_int),
+    ("ORCH8_API_READ_TIMEOUT_SECS", "api_read_timeout_s", _seconds),
 )
 
 # Variables read elsewhere (the command-line client, the test suite), not by the node.

@@ -92,6 +92,25 @@ def parse_name(value: Any, field_name: str = "name") -> str:
     return value
 
 
+# The deepest nesting of objects and arrays in any JSON value orch8 stores (an instance's
+# input, a step's params). orjson reads 1,024 levels but writes only about 254, so a value
+# accepted deeper than that could be stored and never written back out.
+MAX_JSON_DEPTH = 64
+
+
+def check_depth(value: Any, field_name: str) -> None:
+    """Refuse a JSON value nested deeper than `MAX_JSON_DEPTH` (`{}` is depth 1)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > MAX_JSON_DEPTH:
+                raise DefinitionError(field_name,
+                                      f"must be nested at most {MAX_JSON_DEPTH} levels deep")
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+
+
 def parse_steps(value: Any) -> tuple[Step, ...]:
     """Validate a JSON list of steps; errors name the offending field (`steps[1].retry`)."""
     if not isinstance(value, list) or not value:
@@ -120,6 +139,7 @@ def _parse_step(raw: Any, where: str) -> Step:
     params = raw.get("params", {})
     if not isinstance(params, dict):
         raise DefinitionError(f"{where}.params", "must be an object")
+    check_depth(params, f"{where}.params")
     timeout = raw.get("timeout_ms")
     if timeout is not None:
         timeout = _milliseconds(timeout, f"{where}.timeout_ms", minimum=1)

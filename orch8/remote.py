@@ -31,11 +31,21 @@ class RemoteError(Orch8Error):
         self.status = status
 
 
+def is_http_url(url: str) -> bool:
+    """Whether `url` is an http(s) address with a host (what urllib can reach)."""
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
 class Remote:
     """One node's API, called with JSON in and JSON out."""
 
     def __init__(self, url: str | None = None, token: str | None = None) -> None:
-        self.url = (url or os.environ.get("ORCH8_URL") or DEFAULT_URL).rstrip("/")
+        chosen = url if url is not None else os.environ.get("ORCH8_URL") or DEFAULT_URL
+        if not is_http_url(chosen):
+            raise RemoteError(f"the node's address must be an http:// or https:// URL, "
+                              f"not {chosen!r}")
+        self.url = chosen.rstrip("/")
         given = token if token is not None else os.environ.get("ORCH8_API_TOKEN")
         self._token = given or None
 

@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 
 from orch8.errors import DefinitionError
-from orch8.model import MAX_MS, Priority, parse_name
+from orch8.model import MAX_MS, Priority, check_depth, parse_name
 from orch8.store.instances import NewInstance
 
 INSTANCE_FIELDS = {
@@ -39,6 +39,7 @@ def parse_new_instance(body: Any) -> NewInstance:
         data = {}
     if not isinstance(data, dict):
         raise DefinitionError("input", "must be a JSON object")
+    check_depth(data, "input")  # before encoding it: orjson refuses deep values with an error
     if len(orjson.dumps(data)) > MAX_INPUT_BYTES:
         raise DefinitionError("input", f"must encode to at most {MAX_INPUT_BYTES} bytes")
     if "delay_ms" in body and "run_at" in body:

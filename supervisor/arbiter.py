@@ -70,8 +70,9 @@ class Supervisor:
         self.address = address or settings.bind
         self.node_id = settings.node_id or new_node_id()
         self.incarnation = uuid.uuid4()
-        self.pool = AsyncConnectionPool(dsn, min_size=1, max_size=4, open=False,
-                                        kwargs={"autocommit": True}, name="orch8-api")
+        self.pool = AsyncConnectionPool(dsn, min_size=1, max_size=settings.api_pool_size,
+                                        open=False, kwargs={"autocommit": True},
+                                        name="orch8-api")
         self.dsn = dsn
         self._slots = [WorkerSlot(number) for number in range(1, settings.workers + 1)]
         self._phase = Phase.STARTING

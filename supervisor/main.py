@@ -22,6 +22,7 @@ from typing import Any
 import psycopg
 from psycopg_pool import PoolTimeout
 
+from orch8.api.security import check_bind
 from orch8.config import Settings
 from orch8.database import redact, resolve_dsn
 from orch8.errors import ConfigError
@@ -71,16 +72,8 @@ def settings_from(argv: Sequence[str] | None, environ: dict[str, str] | None = N
     if args["handlers"] is not None:
         args["handlers"] = tuple(m.strip() for m in args["handlers"].split(",") if m.strip())
     settings = Settings.from_environ(environ).with_overrides(**args)
-    _check_bind(settings)
-    return settings
-
-
-def _check_bind(settings: Settings) -> None:
-    try:
-        from orch8.api.security import check_bind
-    except ImportError:
-        return
     check_bind(settings.bind, settings.api_token, settings.insecure)
+    return settings
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -119,7 +112,7 @@ def _run(settings: Settings) -> int:
     from supervisor.arbiter import Supervisor
 
     try:
-        address = http.listen(settings.bind)
+        address = http.listen(settings.bind, settings.api_backlog)
     except OSError as error:
         raise StartupError(f"cannot listen on {settings.bind}: {error}") from None
     dsn = resolve_dsn(settings.database_url, settings.data_dir)

@@ -88,6 +88,17 @@ def test_public_bind_without_token_is_refused(dsn: str, tmp_path: Path) -> None:
     assert len(refused.stderr.strip().splitlines()) == 1
 
 
+def test_a_blank_token_is_refused_at_start(dsn: str, tmp_path: Path) -> None:
+    # Whitespace would count as a token (no loopback-only rule) that no client can send.
+    environ = node_environ(dsn, free_port(), "blank", ORCH8_BIND=f"0.0.0.0:{free_port()}",
+                           ORCH8_API_TOKEN="  ")
+    refused = subprocess.run([SUPERVISOR], env=environ, capture_output=True, text=True,
+                             timeout=60, cwd=tmp_path)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines() == [
+        "orch8-supervisor: ORCH8_API_TOKEN: must not be blank or begin or end with whitespace"]
+
+
 def test_insecure_flag_allows_it_loudly(dsn: str, tmp_path: Path) -> None:
     with running_node(dsn, tmp_path, host="0.0.0.0", ORCH8_INSECURE="true") as node:
         assert httpx.get(node.url + "/queue").status_code == 200

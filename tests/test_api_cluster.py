@@ -82,14 +82,20 @@ def test_ready_and_live(dsn: str) -> None:
     with_app(dsn, test)
 
 
-def test_ready_is_503_when_the_database_does_not_answer() -> None:
+def test_ready_follows_the_node_not_the_api_pool() -> None:
+    # Readiness is the node's own view (its heartbeat's): it never waits on the API's
+    # pool, whose queue under load would take a healthy node out of rotation.
     unreachable = f"host=127.0.0.1 port={free_port()} dbname=x connect_timeout=1"
 
     async def test(client: httpx.AsyncClient, view: StaticNode) -> None:
         ready = await client.get("/health/ready")
-        assert (ready.status_code, ready.text) == (503, "database unreachable")
+        assert (ready.status_code, ready.text) == (200, "ok")
+        view.ready = False
+        ready = await client.get("/health/ready")
+        assert (ready.status_code, ready.text) == (503, "not ready")
         listed = await client.get("/cluster/nodes")
         assert listed.status_code == 503 and listed.json()["error"] == "unavailable"
+        assert listed.headers["retry-after"] == "1"
 
     with_app(unreachable, test)
 

@@ -15,6 +15,8 @@ import pytest
 import schemathesis
 from api_helpers import Node, database, running_node
 from hypothesis import HealthCheck, settings
+from openapi_spec_validator import validate
+from openapi_spec_validator.validation.exceptions import OpenAPIValidationError
 from schemathesis.checks import positive_data_acceptance
 from starlette.routing import Route
 
@@ -69,6 +71,18 @@ def served_operations() -> set[tuple[str, str]]:
         path = route.path.replace(":uuid}", "}")
         found |= {(path, method.lower()) for method in route.methods or () if method != "HEAD"}
     return found
+
+
+def test_document_is_valid_openapi() -> None:
+    validate(document())  # raises, naming the first violation of the OpenAPI 3.0 spec
+
+
+def test_the_validator_catches_an_empty_required_list() -> None:
+    # The mistake this test exists for: OpenAPI 3.0 wants `required` absent or non-empty.
+    broken = document()
+    broken["components"]["schemas"]["Step"]["required"] = []
+    with pytest.raises(OpenAPIValidationError):
+        validate(broken)
 
 
 def test_every_route_is_documented() -> None:

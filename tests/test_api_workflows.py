@@ -70,6 +70,14 @@ def start(api: httpx.Client, name: str, **body: object) -> str:
     return str(response.json()["id"])
 
 
+def nested(depth: int) -> dict:
+    """An object nested `depth` levels deep (the object itself is level 1)."""
+    value: object = 1
+    for _ in range(depth - 1):
+        value = [value]
+    return {"a": value}
+
+
 # --- sequences ---------------------------------------------------------------------------
 
 def test_sequence_versions_and_reads(api: httpx.Client, name: str) -> None:
@@ -95,6 +103,9 @@ def test_sequence_versions_and_reads(api: httpx.Client, name: str) -> None:
     ({}, [{"id": "a", "handler": "noop", "delay_ms": 10**15}], "steps[0].delay_ms"),
     ({}, [{"id": "a", "handler": "noop"}, {"id": "a", "handler": "noop"}], "steps[1].id"),
     ({}, [{"id": "a", "handler": "noop", "colour": 1}], "steps[0].colour"),
+    # Deeper than orch8 stores (64), and deeper than orjson can write back (about 254).
+    ({}, [{"id": "a", "handler": "noop", "params": nested(65)}], "steps[0].params"),
+    ({}, [{"id": "a", "handler": "noop", "params": nested(300)}], "steps[0].params"),
 ])
 def test_sequence_refused(api: httpx.Client, node: Node, name: str, extra: dict,
                           steps: list, fragment: str) -> None:
@@ -176,6 +187,9 @@ def test_create_instance_and_idempotency(api: httpx.Client, node: Node, name: st
     ({"input": {"text": "a\u0000b"}}, 422, "U+0000"),
     ({"idempotency_key": "k" * 300}, 422, "idempotency_key"),
     ({"sequence": 7}, 422, "sequence"),
+    ({"input": nested(65)}, 422, "input: must be nested at most 64"),
+    ({"input": nested(254)}, 422, "input: must be nested at most 64"),
+    ({"input": nested(1000)}, 422, "input: must be nested at most 64"),
 ])
 def test_create_instance_refused(api: httpx.Client, node: Node, name: str, body: dict,
                                  status: int, fragment: str) -> None:
@@ -183,6 +197,17 @@ def test_create_instance_refused(api: httpx.Client, node: Node, name: str, body:
     response = api.post("/instances", json={"sequence": name} | body)
     assert_error(response, status, "not_found" if status == 404 else "invalid", fragment)
     assert instances_of(node, name) == 0
+
+
+def test_the_deepest_accepted_values_are_written_back_out(api: httpx.Client,
+                                                          name: str) -> None:
+    deepest = nested(64)
+    make_sequence(api, name, [{"id": "a", "handler": "noop", "params": deepest}])
+    instance_id = start(api, name, input=deepest, delay_ms=60_000)
+    assert api.get(f"/instances/{instance_id}").json()["input"] == deepest
+    listed = api.get("/instances", params={"sequence": name})
+    assert listed.status_code == 200 and listed.json()["instances"][0]["input"] == deepest
+    assert api.get(f"/sequences/{name}").json()["steps"][0]["params"] == deepest
 
 
 def test_batch_is_all_or_nothing(api: httpx.Client, node: Node, name: str) -> None:

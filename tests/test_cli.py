@@ -69,6 +69,10 @@ def test_usage_errors_exit_2(node: Node, tmp_path: Path) -> None:
     broken = tmp_path / "broken.json"
     broken.write_text("{nope")
     assert "not valid JSON" in one_line_error(orch8(node, "sequences", "apply", str(broken)), 2)
+    # An address that cannot be one is the command line's mistake; '' is not "unset".
+    for url in ("notaurl", "", "ftp://host/"):
+        line = one_line_error(orch8(node, "queue", "--url", url), 2)
+        assert "--url: must be an http:// or https:// address" in line and "Error" not in line
 
 
 def test_failures_exit_1_in_one_line(node: Node) -> None:
@@ -80,6 +84,14 @@ def test_failures_exit_1_in_one_line(node: Node) -> None:
     assert "HTTP 401" in one_line_error(orch8(node, "queue", token=None), 1)
     assert "HTTP 404" in one_line_error(orch8(node, "instances", "get", "nonsense"), 1)
     assert "no sequence nope" in one_line_error(orch8(node, "run", "nope"), 1)
+    line = one_line_error(orch8(None, "queue", ORCH8_URL="notaurl"), 1)
+    assert "must be an http:// or https:// URL" in line and "Error" not in line
+
+
+def test_migrate_without_a_database_is_one_line() -> None:
+    unreachable = f"postgresql://orch8@127.0.0.1:{free_port()}/nothing?connect_timeout=2"
+    line = one_line_error(orch8(None, "migrate", token=None, DATABASE_URL=unreachable), 1)
+    assert line.startswith("orch8: cannot migrate the database: ") and "Error" not in line
 
 
 def test_sequences_list_and_get(node: Node, sequences: Path) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from orch8 import Client
-from orch8.errors import NotFound
+from orch8.errors import DefinitionError, NotFound
+from orch8.model import MAX_JSON_DEPTH
 
 
 def test_client_without_a_dsn_reads_database_url(dsn, monkeypatch):
@@ -25,3 +26,19 @@ def test_start_many_is_all_or_nothing(dsn):
         assert client.list() == []
         created = client.start_many([{"sequence": "batch", "input": {"n": n}} for n in range(3)])
         assert len({c.id for c in created}) == 3 and len(client.list()) == 3
+
+
+def test_the_client_is_held_to_the_nesting_limit(dsn):
+    deep: object = 1
+    for _ in range(MAX_JSON_DEPTH):
+        deep = [deep]
+    with Client(dsn) as client:
+        with pytest.raises(DefinitionError) as refused:
+            client.create_sequence("deep", [{"id": "a", "handler": "noop",
+                                             "params": {"a": deep}}])
+        assert refused.value.field == "steps[0].params"
+        client.create_sequence("deep", [{"id": "a", "handler": "noop"}])
+        with pytest.raises(DefinitionError) as refused:
+            client.start("deep", {"a": deep})
+        assert refused.value.field == "input"
+        assert client.list() == []

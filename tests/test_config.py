@@ -26,6 +26,16 @@ def test_values_are_parsed_with_units():
     assert settings.node_id == "node-1" and settings.insecure is True
 
 
+def test_the_api_limits_are_settings():
+    settings = Settings.from_environ({
+        "ORCH8_API_POOL_SIZE": "6", "ORCH8_API_MAX_REQUESTS": "100",
+        "ORCH8_API_BACKLOG": "4096", "ORCH8_API_READ_TIMEOUT_SECS": "2.5",
+        "ORCH8_COMMIT_LINGER_MS": "2.5"})
+    assert (settings.api_pool_size, settings.api_max_requests) == (6, 100)
+    assert (settings.api_backlog, settings.api_read_timeout_s) == (4096, 2.5)
+    assert settings.commit_linger_ms == 2.5
+
+
 @pytest.mark.parametrize("environ, named", [
     ({"ORCH8_BATCH_SIZ": "5"}, "unknown environment variable ORCH8_BATCH_SIZ"),
     ({"ORCH8_BATCH_SIZE": "lots"}, "ORCH8_BATCH_SIZE"),
@@ -37,6 +47,13 @@ def test_values_are_parsed_with_units():
     ({"ORCH8_NODE_ID": "has space"}, "ORCH8_NODE_ID"),
     ({"ORCH8_INSECURE": "maybe"}, "ORCH8_INSECURE"),
     ({"ORCH8_LOG_LEVEL": "chatty"}, "ORCH8_LOG_LEVEL"),
+    ({"ORCH8_WORKERS": "0"}, "ORCH8_WORKERS: must be a positive integer"),
+    ({"ORCH8_API_TOKEN": "   "}, "ORCH8_API_TOKEN: must not be blank"),
+    ({"ORCH8_API_TOKEN": " secret"}, "ORCH8_API_TOKEN"),
+    ({"ORCH8_COMMIT_LINGER_MS": "-1"}, "ORCH8_COMMIT_LINGER_MS: .* milliseconds"),
+    ({"ORCH8_API_MAX_REQUESTS": "0"}, "ORCH8_API_MAX_REQUESTS"),
+    ({"ORCH8_API_POOL_SIZE": "101"}, "ORCH8_API_POOL_SIZE"),
+    ({"ORCH8_API_READ_TIMEOUT_SECS": "0"}, "ORCH8_API_READ_TIMEOUT_SECS"),
 ])
 def test_bad_values_name_the_variable(environ, named):
     with pytest.raises(ConfigError, match=named):

@@ -16,7 +16,7 @@ import orjson
 import psycopg
 from psycopg_pool import PoolTimeout
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from orch8.database import redact
@@ -31,6 +31,7 @@ CODES: Mapping[int, str] = {
     403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
+    408: "timeout",
     409: "conflict",
     413: "payload_too_large",
     415: "unsupported_media_type",
@@ -102,7 +103,14 @@ async def _database_unavailable(request: Request, error: Exception) -> Response:
     # The database is the node's only shared state: without it, ask the caller to retry.
     log.warning("database unavailable for %s %s: %s", request.method, request.url.path,
                 redact(str(error)))
-    return error_response(503, "the database is unreachable; try again shortly")
+    return error_response(503, "the database is unreachable; try again shortly",
+                          {"Retry-After": "1"})
+
+
+async def _client_disconnect(request: Request, error: Exception) -> Response:
+    # The client went away mid-request: not a server error, and nobody reads the answer.
+    log.info("client went away during %s %s", request.method, request.url.path)
+    return error_response(400, "the client disconnected")
 
 
 async def _config_error(request: Request, error: Exception) -> Response:
@@ -120,5 +128,6 @@ def exception_handlers() -> dict[Any, Any]:
         psycopg.OperationalError: _database_unavailable,
         PoolTimeout: _database_unavailable,
         HTTPException: _http_exception,
+        ClientDisconnect: _client_disconnect,
         Exception: _unexpected,
     }

@@ -16,6 +16,10 @@ from orch8.config import Settings
 from orch8.store.query import Query
 
 T = TypeVar("T")
+# The longest a request waits for one of the API pool's connections before its 503. The
+# admission gate bounds how many wait; this bounds how long (a database that does not
+# answer holds them all).
+CONNECTION_WAIT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -47,7 +51,8 @@ class NodeView(Protocol):
         ...
 
     def is_ready(self) -> bool:
-        """Active, database reachable, at least one worker up: what /health/ready reports."""
+        """The node's health as its heartbeat sees it (active, database reachable, at least
+        one worker up): what /health/ready reports."""
         ...
 
     def unready_reason(self) -> str:
@@ -65,5 +70,5 @@ class NodeView(Protocol):
 
 async def run_query(node: NodeView, query: Query[T]) -> T:
     """Run one store query on a connection from the node's API pool."""
-    async with node.pool.connection() as conn:
+    async with node.pool.connection(timeout=CONNECTION_WAIT_S) as conn:
         return await query.run_async(conn)

@@ -28,8 +28,11 @@ def nullable(schema: Schema) -> Schema:
 
 
 def strict(properties: dict[str, Schema], required: list[str]) -> Schema:
-    return {"type": "object", "properties": properties, "required": required,
-            "additionalProperties": False}
+    schema: Schema = {"type": "object", "properties": properties,
+                      "additionalProperties": False}
+    if required:  # OpenAPI 3.0 wants at least one entry in `required`, or none at all
+        schema["required"] = required
+    return schema
 
 
 INTEGER_MS: Schema = {"type": "integer", "minimum": 0, "maximum": 7 * 24 * 3600 * 1000}

@@ -16,6 +16,7 @@ from starlette.routing import BaseRoute, Route
 from orch8.api import inputs
 from orch8.api.errors import json_response
 from orch8.api.node import NodeView, run_query
+from orch8.api.routing import by_method
 from orch8.errors import DefinitionError
 from orch8.model import parse_name
 from orch8.store import rate_limits
@@ -59,8 +60,6 @@ class RateLimits:
 
 
 def routes(node: NodeView) -> list[BaseRoute]:
-    from orch8.api.workflows import by_method
-
     endpoints = RateLimits(node)
     return [
         Route("/rate-limits", endpoints.list, methods=["GET"]),

@@ -7,16 +7,16 @@ raised and turned into responses by `orch8.api.errors`.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from orch8.api import inputs, openapi
+from orch8.api import inputs
 from orch8.api.errors import ApiError, json_response
 from orch8.api.node import NodeView, run_query
+from orch8.api.routing import by_method
 from orch8.errors import DefinitionError
 from orch8.model import State, parse_name, parse_steps
 from orch8.requests import parse_new_instance
@@ -28,8 +28,6 @@ MAX_PAGE = 1000
 DEFAULT_PAGE = 100
 SEQUENCE_FIELDS = {"name", "steps"}
 LIST_FILTERS = {"state", "sequence", "concurrency_key", "before", "limit"}
-
-Endpoint = Callable[[Request], Awaitable[Response]]
 
 
 class Workflows:
@@ -158,10 +156,7 @@ def _state(raw: str | None) -> State | None:
 
 
 def routes(node: NodeView) -> list[BaseRoute]:
-    """The workflow routes and `/openapi.json`, for the node's app factory.
-
-    `/metrics` is added by the factory itself (`orch8.metrics.metrics_route`).
-    """
+    """The workflow routes, for the node's app factory."""
     endpoints = Workflows(node)
     return [
         by_method("/sequences", POST=endpoints.create_sequence, GET=endpoints.list_sequences),
@@ -175,25 +170,4 @@ def routes(node: NodeView) -> list[BaseRoute]:
         Route("/instances/{id:uuid}/cancel", endpoints.cancel_instance, methods=["POST"]),
         Route("/instances/{id:uuid}/retry", endpoints.retry_instance, methods=["POST"]),
         Route("/queue", endpoints.queue, methods=["GET"]),
-        *_rate_limit_routes(node),
-        openapi.route(),
     ]
-
-
-def by_method(path: str, **endpoints: Endpoint) -> Route:
-    """One route for a path served by several methods, so a 405 lists all of them."""
-
-    async def dispatch(request: Request) -> Response:
-        method = "GET" if request.method == "HEAD" else request.method
-        return await endpoints[method](request)
-
-    return Route(path, dispatch, methods=list(endpoints))
-
-
-def _rate_limit_routes(node: NodeView) -> list[BaseRoute]:
-    # Rate limits arrive with their own store module; a build without it serves the rest.
-    try:
-        from orch8.api import rate_limits
-    except ImportError:
-        return []
-    return rate_limits.routes(node)
