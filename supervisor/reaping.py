@@ -66,6 +66,7 @@ async def release(node: Supervisor, slot: WorkerSlot) -> bool:
         log.warning("worker %d: could not release its claims yet (%s)", slot.number, error)
         return False
     slot.pending_release = None
+    node.stats.add("released", released)
     if released:
         log.warning("worker %d: released %d claimed instances", slot.number, released)
     return True

@@ -170,8 +170,7 @@ class Executor:
 
     async def _finish_step(self, done: StepDone) -> bool:
         applied = await self._retrying(lambda: self._committer.finish(done))
-        if not applied:
-            self._stats.add("fenced_rejected")
+        if not applied:  # counted by the committer, which sees even a cancelled caller's
             log.warning("instance %s: claim lost before step %s was recorded; dropped",
                         done.id, done.step_id)
         return applied
