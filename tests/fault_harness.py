@@ -70,6 +70,9 @@ SEQUENCES = {
     # Two short steps: the common path.
     "pair": [{"id": "a", "handler": "ledger", "params": {"ms": 20}},
              {"id": "b", "handler": "ledger", "params": {"ms": 20}}],
+    # Steps long enough that a node always holds claims when it is hit.
+    "slow": [{"id": "a", "handler": "ledger", "params": {"ms": 400}},
+             {"id": "b", "handler": "ledger", "params": {"ms": 400}}],
     # A durable delay between the steps.
     "delayed": [{"id": "a", "handler": "ledger", "params": {"ms": 10}},
                 {"id": "b", "handler": "ledger", "delay_ms": 300, "params": {"ms": 10}}],

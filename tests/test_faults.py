@@ -96,7 +96,7 @@ def test_three_nodes_mixed_priorities_and_delays(runs: Any) -> None:
 def test_kill_a_worker_a_supervisor_and_a_node(runs: Any) -> None:
     run: FaultRun = runs(ORCH8_MAX_IN_FLIGHT="5", ORCH8_BATCH_SIZE="5")
     a, b, c = (run.start(name) for name in ("a", "b", "c"))
-    with Load(run, "pair", 30, input={"slow": True}):
+    with Load(run, "slow", 30):
         victim = worker_pids("a")[0]
         slot = slot_of(victim)
         run.wait_holding(a, slot)
@@ -131,10 +131,11 @@ def test_freeze_below_and_above_the_threshold(runs: Any) -> None:
     run: FaultRun = runs(ORCH8_MAX_IN_FLIGHT="5", ORCH8_BATCH_SIZE="5")
     a = run.start("a")
     run.start("b")
-    with Load(run, "pair", 20):
+    with Load(run, "slow", 20):
         # Below: frozen until its heartbeat is threshold - heartbeat - 0.5 s old.
         short = run.wait_holding(a)
         run.hit("node freeze short", a, signal.SIGSTOP)
+        assert run.holds_claims(short), "a finished its claims before the freeze landed"
         wait_until(lambda: heartbeat_age(run, "a") >= run.threshold_s - run.heartbeat_s - 0.5,
                    30, "a's heartbeat to age", interval=0.05)
         a.signal_group(signal.SIGCONT)
@@ -147,6 +148,7 @@ def test_freeze_below_and_above_the_threshold(runs: Any) -> None:
         fenced_before = run.fenced_total([a])
         long = run.wait_holding(a)
         freeze = run.hit("node freeze long", a, signal.SIGSTOP)
+        assert run.holds_claims(long), "a finished its claims before the freeze landed"
         reclaim = run.wait_reclaimed(freeze)
         a.signal_group(signal.SIGCONT)
         wait_until(lambda: run.incarnation("a") not in (None, long), 30,
