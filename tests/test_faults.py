@@ -19,7 +19,6 @@ from datetime import datetime
 from pathlib import Path
 from statistics import median
 from typing import Any
-from urllib.parse import parse_qs, urlparse
 
 import pytest
 from fault_harness import (
@@ -33,6 +32,7 @@ from fault_harness import (
     query,
     report,
 )
+from psycopg.conninfo import conninfo_to_dict
 from supervisor_process import Node, wait_until, worker_pids
 
 from orch8 import Client
@@ -172,8 +172,7 @@ def embedded_server(dsn: str) -> tuple[Path, str]:
     """The data directory and system user of the session's embedded server."""
     if os.environ.get("ORCH8_TEST_DATABASE_URL"):
         pytest.skip("restarts only the session's own embedded server")
-    host = parse_qs(urlparse(dsn).query).get("host", [""])[0]
-    data = Path(host)
+    data = Path(conninfo_to_dict(dsn).get("host") or "/nonexistent")
     if not (data / "PG_VERSION").exists():
         pytest.skip("the test server is not an embedded one")
     import pwd
