@@ -3,49 +3,34 @@
 Each node gets a `CollectorRegistry` of its own (never the library's global one), so
 two apps in one process, as in tests, never share or double-register a metric.
 
-Counters come from the workers' reports, and from the supervisor's own (slot 0: the
-claims it settles for dead workers, worker deaths and restarts). A report carries totals
-since that process started; the node adds the difference from the previous report of the same
-process, and a new process id in a slot (a respawned worker) counts from zero again.
-So the node's counters only ever rise, across worker restarts. Gauges are read when
-Prometheus scrapes: the queue depth with one cheap query, the rest from the node view.
+Counters are summed at each scrape from the node's metrics directory, where every
+process of the node (the supervisor and each worker, live or dead) writes its counts as it
+counts (`orch8.engine.stats`): a worker killed with SIGKILL loses none, and a respawned
+worker's new file adds to its predecessor's, so the node's counters only ever rise.
+Histograms are fed by the workers' reports. Gauges are read when Prometheus scrapes: the
+queue depth with one cheap query, the rest from the node view.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Iterable
+from pathlib import Path
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from orch8.api.node import NodeView, WorkerReport
-from orch8.engine.stats import COUNTERS
 from orch8.model import Priority
 from orch8.store.instances import queue_depth
 
 log = logging.getLogger("orch8.metrics")
 
-# Worker counter -> (metric name without `_total`, help text).
-COUNTER_METRICS = {
-    "claimed": ("orch8_instances_claimed", "Instances claimed by this node's workers."),
-    "steps_executed": ("orch8_steps_executed", "Step handler runs finished (any outcome)."),
-    "completed": ("orch8_instances_completed", "Instances that completed."),
-    "failed": ("orch8_instances_failed", "Instances that failed (moved to the dead letter)."),
-    "retried": ("orch8_steps_retried", "Step attempts that failed and were scheduled again."),
-    "delayed": ("orch8_steps_delayed", "Steps put back to wait out their delay_ms."),
-    "released": ("orch8_instances_released", "Claims released without finishing a step."),
-    "fenced_rejected": ("orch8_fenced_writes_rejected",
-                        "Writes refused because the claim had moved on (epoch fence)."),
-    # Counted by the supervisor (its reports come as slot 0).
-    "worker_deaths": ("orch8_worker_deaths",
-                      "Worker processes that ended unasked (crashed, killed, or exited)."),
-    "worker_restarts": ("orch8_worker_restarts",
-                        "Worker processes started in place of one that ended."),
-}
 NODE_STATES = ("active", "draining", "stopping")
 # Steps range from microseconds (noop) to minutes; lateness from milliseconds up.
 STEP_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
@@ -53,25 +38,14 @@ LATENESS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 QUEUE_TIMEOUT_S = 2.0
 
 
-@dataclass(frozen=True)
-class _Seen:
-    """The last totals reported by one worker process in a slot."""
-
-    pid: int
-    counts: dict[str, int]
-
-
 class NodeMetrics:
-    """The node's registry, fed by worker reports and refreshed at each scrape."""
+    """The node's registry: counters from its metrics directory, histograms from worker
+    reports, gauges refreshed at each scrape."""
 
     def __init__(self, node: NodeView) -> None:
         self.node = node
         self.registry = CollectorRegistry(auto_describe=True)
-        self._seen: dict[int, _Seen] = {}
-        self.counters = {
-            name: Counter(metric, text, registry=self.registry)
-            for name, (metric, text) in _counter_metrics().items()
-        }
+        self.registry.register(CountFiles(node.metrics_dir))
         self.step_seconds = Histogram(
             "orch8_step_duration_seconds", "Time a step handler ran.",
             buckets=STEP_BUCKETS, registry=self.registry)
@@ -92,20 +66,7 @@ class NodeMetrics:
         node.add_report_listener(self.record)
 
     def record(self, report: WorkerReport) -> None:
-        """Add one report: counter increases since the same process's last report."""
-        previous = self._seen.get(report.slot)
-        same_process = previous is not None and previous.pid == report.pid
-        before = previous.counts if same_process and previous is not None else {}
-        for name, total in report.counts.items():
-            counter = self.counters.get(name)
-            if counter is None:
-                continue
-            increase = total - before.get(name, 0)
-            if increase < 0:  # should not happen within one process; never go backwards
-                increase = total
-            if increase > 0:
-                counter.inc(increase)
-        self._seen[report.slot] = _Seen(report.pid, dict(report.counts))
+        """Add one report's histogram samples (its counts are already on file)."""
         for seconds in report.step_seconds:
             self.step_seconds.observe(seconds)
         for seconds in report.claim_lateness_seconds:
@@ -133,12 +94,27 @@ class NodeMetrics:
         return generate_latest(self.registry)
 
 
-def _counter_metrics() -> dict[str, tuple[str, str]]:
-    """Every worker counter gets a metric, including ones added after this table."""
-    metrics = dict(COUNTER_METRICS)
-    for name in COUNTERS:
-        metrics.setdefault(name, (f"orch8_{name}", f"Worker counter {name!r}."))
-    return metrics
+class CountFiles:
+    """The counters: the sum of every process's count file (prometheus_client's format).
+
+    A file is empty for the instant between its creation and its sizing; it holds no count
+    yet, and reading it would fail, so it is skipped.
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.directory = Path(directory)
+
+    def collect(self) -> Iterable[Metric]:
+        files = []
+        for path in self.directory.glob("*.db"):
+            try:
+                if path.stat().st_size > 0:
+                    files.append(str(path))
+            except FileNotFoundError:
+                continue
+        metrics: Iterable[Metric] = MultiProcessCollector.merge(  # type: ignore[no-untyped-call]
+            files, accumulate=True)
+        return metrics
 
 
 def metrics_route(node: NodeView) -> Route:

@@ -22,9 +22,10 @@ from psycopg_pool import AsyncConnectionPool
 
 from orch8.api.node import ReportListener, WorkerReport
 from orch8.config import Settings
+from orch8.engine.stats import process_stats
 from orch8.ids import new_node_id
 from orch8.store.nodes import Registration
-from supervisor import http, reaping, systemd
+from supervisor import http, metrics_dir, reaping, systemd
 from supervisor.child import BOOT_FAILED_EXIT, WorkerStart
 from supervisor.heartbeat import Heartbeat
 from supervisor.phase import Phase
@@ -43,7 +44,6 @@ HEARTBEAT_STOP_S = 10.0
 EXIT_OK, EXIT_FAILED, EXIT_BOOT_FAILED = 0, 1, BOOT_FAILED_EXIT
 # Counters the supervisor keeps itself; worker slots are numbered from 1.
 SUPERVISOR_COUNTERS = ("released", "retried", "failed", "worker_deaths", "worker_restarts")
-SUPERVISOR_SLOT = 0
 # While a dead worker's claims cannot be settled (the database is away), retry this often.
 SETTLE_RETRY_S = 1.0
 
@@ -74,6 +74,10 @@ class Supervisor:
                                         open=False, kwargs={"autocommit": True},
                                         name="orch8-api")
         self.dsn = dsn
+        # Before any worker starts: each inherits the directory and counts into it.
+        self.metrics_dir = metrics_dir.create()
+        # The supervisor's own counts (claims it releases), in a file of its own there.
+        self.stats = process_stats()
         self._slots = [WorkerSlot(number) for number in range(1, settings.workers + 1)]
         self._phase = Phase.STARTING
         self._phase_since = time.monotonic()
@@ -136,13 +140,11 @@ class Supervisor:
         return totals
 
     def count(self, counter: str, amount: int = 1) -> None:
-        """Count something the supervisor did; metrics see it as a report from slot 0."""
+        """Count something the supervisor did: in its metrics file and in its heartbeat."""
         if amount <= 0:
             return
         self._counts[counter] += amount
-        report = WorkerReport(SUPERVISOR_SLOT, os.getpid(), True, dict(self._counts))
-        for listener in self._listeners:
-            _call_listener(listener, report)
+        self.stats.add(counter, amount)
 
     def on_database(self, reachable: bool) -> None:
         self._database_ok = reachable
@@ -157,6 +159,7 @@ class Supervisor:
         log.warning("registered again as incarnation %s; restarting workers",
                     registration.incarnation)
         self.incarnation = registration.incarnation
+        self.stats.add("released", registration.released)
         for slot in self._slots:
             slot.send(Hurry())
 
@@ -171,7 +174,8 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         self._signals.install(loop)
         try:
-            await self._heartbeat.register(self.incarnation)
+            registration = await self._heartbeat.register(self.incarnation)
+            self.stats.add("released", registration.released)
             self._database_ok = True
             await self.pool.open(wait=True, timeout=30)
             log.info("node %s registered (incarnation %s, %d workers)", self.node_id,
@@ -189,6 +193,7 @@ class Supervisor:
                 slot.kill()
             self._signals.uninstall(loop)
             await self.pool.close()
+            metrics_dir.remove(self.metrics_dir)
         return self._exit_code
 
     def _start_background(self) -> Background:
@@ -244,6 +249,7 @@ class Supervisor:
         await asyncio.wait([background.heartbeat], timeout=HEARTBEAT_STOP_S)
         try:
             released = await self._heartbeat.deregister()
+            self.stats.add("released", released)
             log.info("node %s deregistered (released %d claims)", self.node_id, released)
         except Exception as error:  # the sweep of another node will release them
             log.error("could not deregister (%s); other nodes will sweep this one", error)
@@ -327,7 +333,8 @@ class Supervisor:
 
     def _spawn(self, slot: WorkerSlot) -> None:
         start = WorkerStart(self.settings, self.dsn, self.node_id, self.incarnation,
-                            slot.number, supervisor_pid=os.getpid())
+                            slot.number, supervisor_pid=os.getpid(),
+                            metrics_dir=self.metrics_dir)
         slot.spawn(self._context, start)
         loop = asyncio.get_running_loop()
         assert slot.process is not None and slot.pipe is not None

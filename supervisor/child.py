@@ -22,6 +22,7 @@ from multiprocessing.connection import Connection
 
 from orch8.config import Settings
 from orch8.database import redact
+from orch8.engine.stats import METRICS_DIR_VARIABLE, process_stats
 from orch8.engine.worker import Worker
 from orch8.errors import ConfigError
 from orch8.handlers import load_modules
@@ -47,6 +48,8 @@ class WorkerStart:
     incarnation: uuid.UUID
     slot: int
     supervisor_pid: int
+    # The node's metrics directory: every count is written through to a file in it.
+    metrics_dir: str
 
     @property
     def title(self) -> str:
@@ -81,6 +84,7 @@ def _set_up_process(start: WorkerStart) -> None:
     import setproctitle
 
     setproctitle.setproctitle(start.title)
+    os.environ[METRICS_DIR_VARIABLE] = start.metrics_dir
     # Ctrl-C (and Ctrl-\) reach the whole group; the supervisor decides what they mean
     # and tells us over the pipe.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -98,7 +102,8 @@ async def _serve(start: WorkerStart, pipe: Connection, running: RunningTable) ->
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     owner = Owner(start.node_id, start.incarnation, start.slot)
-    worker = Worker(start.settings, start.dsn, owner, registry=tracked(default_registry, running))
+    worker = Worker(start.settings, start.dsn, owner,
+                    registry=tracked(default_registry, running), stats=process_stats())
     control = _Control(worker, stop, pipe)
     loop.add_signal_handler(signal.SIGTERM, stop.set)  # our own drain
     loop.add_reader(pipe.fileno(), control.on_readable)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ class StaticNode:
     settings: Settings = field(default_factory=Settings)
     phase: str = "active"
     ready: bool = True
+    # No process counts here: an empty directory of its own for /metrics to sum.
+    metrics_dir: str = field(default_factory=tempfile.mkdtemp)
 
     def state(self) -> str:
         return self.phase

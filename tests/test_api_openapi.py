@@ -8,6 +8,7 @@ body) is the one the document promises.
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterator
 
 import httpx
@@ -46,6 +47,7 @@ class QuietNode:
     node_id = "routes"
     settings = Settings()
     pool = None
+    metrics_dir = tempfile.mkdtemp()
 
     def state(self) -> str:
         return "active"

@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -17,6 +20,7 @@ from psycopg_pool import AsyncConnectionPool
 from orch8 import Client
 from orch8.api.node import ReportListener, WorkerReport
 from orch8.config import Settings
+from orch8.engine.stats import METRICS_DIR_VARIABLE
 from orch8.metrics import NodeMetrics
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -73,14 +77,17 @@ def test_metrics_match_what_ran(node: Node) -> None:
             "doomed": [{"id": "a", "handler": "fail", "params": {"retryable": False}}],
             "flaky": [{"id": "a", "handler": "fail", "retry": {
                 "max_attempts": 2, "initial_backoff_ms": 10, "max_backoff_ms": 10}}],
+            "nap": [{"id": "a", "handler": "sleep", "params": {"ms": 600_000}}],
         }.items():
             assert client.post("/sequences", json={"name": name, "steps": steps}
                                ).status_code == 201
         run_batch(client, plain=20, doomed=3, flaky=2)
         states = [item["state"] for item in client.get("/instances").json()["instances"]]
         assert sorted(states) == ["completed"] * 20 + ["failed"] * 5
+        # Counts are on file at once; histogram samples come with the next reports.
         samples = eventually(lambda: scrape(client), lambda s: value(
-            s, "orch8_steps_executed_total") >= 47)
+            s, "orch8_step_duration_seconds_count") >= 47 and value(
+            s, "orch8_claim_latency_seconds_count") >= 27)
         # 20 x 2 steps + 3 single failures + 2 x 2 attempts
         assert value(samples, "orch8_steps_executed_total") == 47
         assert value(samples, "orch8_step_duration_seconds_count") == 47
@@ -97,17 +104,31 @@ def test_metrics_match_what_ran(node: Node) -> None:
         assert value(samples, "orch8_node_state", state="active") == 1
         assert value(samples, "orch8_node_state", state="draining") == 0
 
-        # A respawned worker counts from zero again; the node's totals only rise.
-        victim = worker_pids(node)[0]
-        os.kill(victim, signal.SIGKILL)
+        # Workers killed the moment their last instance completes keep every count they
+        # made (their last report was never sent); respawned ones add to the same totals.
+        run_batch(client, plain=40, doomed=0, flaky=0)
+        victims = worker_pids(node)
+        for victim in victims:
+            os.kill(victim, signal.SIGKILL)
         eventually(lambda: scrape(client), lambda s: value(s, "orch8_workers_alive") == 2
-                   and victim not in worker_pids(node))
-        run_batch(client, plain=5, doomed=0, flaky=0)
-        after = eventually(lambda: scrape(client), lambda s: value(
-            s, "orch8_instances_completed_total") >= 25)
-        assert value(after, "orch8_instances_completed_total") == 25
-        assert value(after, "orch8_steps_executed_total") == 57
+                   and not set(victims) & set(worker_pids(node)))
+        after = scrape(client)
+        assert value(after, "orch8_instances_completed_total") == 60
+        assert value(after, "orch8_steps_executed_total") == 127
         assert value(after, "orch8_instances_failed_total") == 5
+
+        # The supervisor releases a killed worker's claims, and counts them.
+        released = value(after, "orch8_instances_released_total")
+        created = client.post("/instances", json={"sequence": "nap"})
+        assert created.status_code == 201, created.text
+        nap = created.json()["id"]
+        wait_for(client, nap, states=("running",))
+        for pid in worker_pids(node):
+            os.kill(pid, signal.SIGKILL)
+        late = eventually(lambda: scrape(client), lambda s: value(
+            s, "orch8_instances_released_total") > released)
+        assert value(late, "orch8_instances_released_total") == released + 1
+        assert client.post(f"/instances/{nap}/cancel").status_code < 300
 
 
 def worker_pids(node: Node) -> list[int]:
@@ -120,7 +141,8 @@ class ReportingNode:
 
     node_id = "unit"
     settings = Settings()
-    def __init__(self, pool: AsyncConnectionPool | None = None) -> None:
+    def __init__(self, metrics_dir: str, pool: AsyncConnectionPool | None = None) -> None:
+        self.metrics_dir = metrics_dir
         self.pool = pool
         self.listeners: list[ReportListener] = []
         self.latest: dict[int, WorkerReport] = {}
@@ -146,21 +168,44 @@ class ReportingNode:
             listener(report)
 
 
-def test_counters_survive_restarts_and_repeats() -> None:
-    node = ReportingNode()
-    node.latest[1] = WorkerReport(1, 100, True, {"completed": 4})  # before the app existed
+COUNT_THEN_HANG = """
+import sys
+from orch8.engine.stats import process_stats
+stats = process_stats()
+stats.add("completed", int(sys.argv[1]))
+stats.add("released")
+print("counted", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_counts_of_killed_processes_are_kept(tmp_path: Path) -> None:
+    """Each process's counts are on file the moment it counts; SIGKILL takes none away."""
+    environ = {**os.environ, METRICS_DIR_VARIABLE: str(tmp_path)}
+    for completed in (4, 6):
+        with subprocess.Popen([sys.executable, "-c", COUNT_THEN_HANG, str(completed)],
+                              env=environ, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE) as process:
+            assert process.stdout is not None and process.stdout.readline() == b"counted\n"
+            process.kill()
+            assert process.wait() == -signal.SIGKILL
+    metrics = NodeMetrics(ReportingNode(str(tmp_path)))  # type: ignore[arg-type]
+    assert metrics.registry.get_sample_value("orch8_instances_completed_total") == 10
+    assert metrics.registry.get_sample_value("orch8_instances_released_total") == 2
+    assert metrics.registry.get_sample_value("orch8_fenced_writes_rejected_total") == 0
+
+
+def test_histograms_come_from_reports(tmp_path: Path) -> None:
+    node = ReportingNode(str(tmp_path))
+    node.latest[1] = WorkerReport(1, 100, True, step_seconds=(0.5,))  # before the app existed
     metrics = NodeMetrics(node)  # type: ignore[arg-type]
-    node.send(WorkerReport(1, 100, True, {"completed": 6}, step_seconds=(0.01, 0.02)))
-    node.send(WorkerReport(1, 100, True, {"completed": 6}))  # nothing new
-    node.send(WorkerReport(2, 200, True, {"completed": 3}))
-    node.send(WorkerReport(1, 101, True, {"completed": 2}))  # slot 1 respawned
-    node.send(WorkerReport(1, 101, True, {"completed": 5, "someday": 9}))
-    completed = metrics.registry.get_sample_value("orch8_instances_completed_total")
-    assert completed == 6 + 3 + 5
-    assert metrics.registry.get_sample_value("orch8_step_duration_seconds_count") == 2
+    node.send(WorkerReport(1, 100, True, step_seconds=(0.01, 0.02)))
+    node.send(WorkerReport(2, 200, True, claim_lateness_seconds=(0.3,)))
+    assert metrics.registry.get_sample_value("orch8_step_duration_seconds_count") == 3
+    assert metrics.registry.get_sample_value("orch8_claim_latency_seconds_count") == 1
 
 
-def test_gauges_read_at_scrape_time(dsn: str) -> None:
+def test_gauges_read_at_scrape_time(dsn: str, tmp_path: Path) -> None:
     """The queue depth comes from the database when scraped (no workers here to drain it)."""
     with Client(dsn) as client:
         client.create_sequence("queued", [{"id": "a", "handler": "noop"}])
@@ -170,7 +215,7 @@ def test_gauges_read_at_scrape_time(dsn: str) -> None:
 
     async def scrape_once() -> NodeMetrics:
         async with AsyncConnectionPool(dsn, min_size=1, max_size=1, open=False) as pool:
-            node = ReportingNode(pool)
+            node = ReportingNode(str(tmp_path), pool)
             metrics = NodeMetrics(node)  # type: ignore[arg-type]
             node.send(WorkerReport(1, 100, True, {}, in_flight=3))
             node.send(WorkerReport(2, 200, False, {}, in_flight=9))  # dead: not counted

@@ -45,6 +45,8 @@ class NodeView(Protocol):
     settings: Settings
     # An async pool on the node's database for API queries (not the heartbeat's connection).
     pool: AsyncConnectionPool
+    # Where every process of the node writes its counts (`orch8.engine.stats`).
+    metrics_dir: str
 
     def state(self) -> str:
         """"active", "draining" or "stopping"."""

@@ -169,12 +169,26 @@ class Executor:
             await self._fenced("failed", claims.fail, claimed, error)
 
     async def _finish_step(self, done: StepDone) -> bool:
-        applied = await self._retrying(lambda: self._committer.finish(done))
-        if not applied:
-            self._stats.add("fenced_rejected")
+        tries = 0
+
+        async def attempt() -> bool:
+            nonlocal tries
+            tries += 1
+            if tries > 1 and await self._recorded(done):
+                return True  # the failed write had committed; its reply was lost
+            return await self._committer.finish(done)
+
+        applied = await self._retrying(attempt)
+        if not applied and tries > 1:  # a write lost in flight may have landed meanwhile
+            applied = await self._recorded(done)
+        if not applied:  # counted by the committer, which sees even a cancelled caller's
             log.warning("instance %s: claim lost before step %s was recorded; dropped",
                         done.id, done.step_id)
         return applied
+
+    async def _recorded(self, done: StepDone) -> bool:
+        async with self._pool.connection() as conn:
+            return await claims.step_recorded(conn, done)
 
     async def _fenced(
         self, counter: str, write: Callable[..., Awaitable[bool]], *args: Any

@@ -82,7 +82,8 @@ class Worker:
         threads = ThreadPoolExecutor(max_workers=min(64, self.settings.max_in_flight),
                                      thread_name_prefix="orch8-handler")
         committer = StepCommitter(pool, self.settings.commit_linger_ms / 1000,
-                                  self.settings.commit_max_batch)
+                                  self.settings.commit_max_batch,
+                                  lambda refused: self.stats.add("fenced_rejected", refused))
         limits = LimitWatch(pool)
         executor = Executor(pool, committer, self._registry, self.stats, threads,
                             lambda: self._draining, limits)
@@ -96,7 +97,7 @@ class Worker:
         ]
         try:
             await self._claim_loop(pool, executor, stop)
-            await self._finish(pool)
+            await self._finish(pool, committer)
         finally:
             for task in background:
                 task.cancel()
@@ -158,7 +159,7 @@ class Worker:
         except (psycopg.OperationalError, OSError):
             self._orphans = orphans + self._orphans  # still unreachable: next tick
 
-    async def _finish(self, pool: AsyncConnectionPool) -> None:
+    async def _finish(self, pool: AsyncConnectionPool, committer: StepCommitter) -> None:
         """Graceful stop: let in-flight steps end, then release whatever is left."""
         self._draining = True
         loop = asyncio.get_running_loop()
@@ -174,6 +175,9 @@ class Worker:
         for task in left:
             task.cancel()
         await asyncio.gather(*left, return_exceptions=True)
+        # Outcomes of steps that finished are written (or refused, and counted) before the
+        # claims go back: a finished step must not run again because we stopped.
+        await committer.flush()
         unfinished = list(left.values()) + self._orphans
         if unfinished:
             async with pool.connection() as conn:

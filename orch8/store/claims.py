@@ -218,7 +218,9 @@ WITH done AS (
         state = CASE WHEN d.last THEN 'completed' ELSE 'running' END,
         finished_at = CASE WHEN d.last THEN now() END
     FROM done d
+    -- The step index too: a write retried after its reply was lost must not apply twice.
     WHERE i.id = d.id AND i.claim_epoch = d.epoch AND i.state = 'running'
+      AND i.step_index = d.next_index - 1
     RETURNING i.id
 ), recorded AS (
     INSERT INTO step_outputs (instance_id, step_id, output, attempt)
@@ -242,6 +244,23 @@ async def finish_steps(
     ]).decode()
     cursor = await conn.execute(FINISH_STEPS, {"batch": batch})
     return {row[0] for row in await cursor.fetchall()}
+
+
+# Whether an outcome written under this claim has already moved the instance past the step
+# (its write committed, but the reply was lost to a dropped connection).
+STEP_RECORDED = """
+SELECT EXISTS (
+    SELECT 1 FROM instances
+    WHERE id = %(id)s AND claim_epoch = %(epoch)s AND step_index >= %(next_index)s
+      AND state IN ('running', 'completed'))
+"""
+
+
+async def step_recorded(conn: psycopg.AsyncConnection[Any], done: StepDone) -> bool:
+    """Did an earlier write of `done` apply? (asked only after a failed write)"""
+    params = {"id": done.id, "epoch": done.epoch, "next_index": done.next_index}
+    row = await (await conn.execute(STEP_RECORDED, params)).fetchone()
+    return bool(row and row[0])
 
 
 FENCE = "id = %(id)s AND claim_epoch = %(epoch)s AND state = 'running'"
