@@ -36,9 +36,12 @@ from supervisor.slots import WorkerSlot, worker_context
 log = logging.getLogger("orch8.supervisor")
 
 TICK_S = 0.25
-# After the workers' own drain timeout, how long before they are killed outright.
-DRAIN_GRACE_S = 10.0
-STOP_GRACE_S = 10.0
+# Workers end a stop by themselves within the drain timeout plus about a second, whatever
+# their handlers do (a handler thread that cannot be stopped ends with its process). These
+# graces only catch a worker whose event loop is blocked, or whose async handler ignores
+# its cancellation: then it is killed outright.
+DRAIN_GRACE_S = 5.0
+STOP_GRACE_S = 5.0
 HEARTBEAT_STOP_S = 10.0
 
 EXIT_OK, EXIT_FAILED, EXIT_BOOT_FAILED = 0, 1, BOOT_FAILED_EXIT

@@ -72,12 +72,24 @@ def run_worker(start: WorkerStart, pipe: Connection, running: RunningTable) -> N
         asyncio.run(_serve(start, pipe, running))
     except Exception as error:
         # The supervisor logs the exit and restarts us with backoff; one line is enough.
-        # Not a step's doing: whatever still runs goes back uncharged.
-        running.abandon()
         log.error("worker %d failed: %s", start.slot, redact(f"{type(error).__name__}: {error}"))
-        sys.exit(1)
+        _exit_now(running, 1)
     # A handler's SystemExit never gets here: its step stays marked, and is charged.
+    _exit_now(running, 0)
+
+
+def _exit_now(running: RunningTable, code: int) -> None:
+    """End the process at once, even while plain handlers still run in threads.
+
+    Their claims were kept (see `orch8.engine.worker`); once we are gone nothing can run
+    them, and the supervisor releases them, uncharged: a stop is not the step's doing.
+    A normal exit would first wait for every handler thread to return.
+    """
     running.abandon()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _set_up_process(start: WorkerStart) -> None:
@@ -102,8 +114,8 @@ async def _serve(start: WorkerStart, pipe: Connection, running: RunningTable) ->
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     owner = Owner(start.node_id, start.incarnation, start.slot)
-    worker = Worker(start.settings, start.dsn, owner,
-                    registry=tracked(default_registry, running), stats=process_stats())
+    worker = Worker(start.settings, start.dsn, owner, registry=tracked(default_registry, running),
+                    stats=process_stats(), still_running=running.running_instances)
     control = _Control(worker, stop, pipe)
     loop.add_signal_handler(signal.SIGTERM, stop.set)  # our own drain
     loop.add_reader(pipe.fileno(), control.on_readable)

@@ -28,7 +28,7 @@ import psycopg
 from orch8.config import Settings
 from orch8.events import wait_any
 from orch8.store import nodes
-from orch8.store.nodes import Registration
+from orch8.store.nodes import Holder, Registration
 
 log = logging.getLogger("orch8.supervisor.heartbeat")
 
@@ -69,11 +69,14 @@ class Heartbeat:
         self._wake.set()
 
     async def register(self, incarnation: uuid.UUID) -> Registration:
-        """Register the node as `incarnation` (at start-up, or after being declared dead)."""
+        """Register the node as `incarnation` (at start-up, or after being declared dead).
+
+        `orch8.errors.Conflict` if a live node holds the id.
+        """
         conn = await self._connection()
         registration = await nodes.register(
             conn, self._owner.node_id, incarnation, socket.gethostname(), os.getpid(),
-            self._settings.workers)
+            self._settings.workers, self._settings.stale_threshold_s, holder_gone=exited_here)
         if registration.released:
             log.warning("released %d claims left by this node id's previous incarnation",
                         registration.released)
@@ -161,3 +164,20 @@ class Heartbeat:
                 pass
             self._conn = None
 
+
+def exited_here(holder: Holder) -> bool:
+    """Whether the holder of our node id was a process on this host that has exited (a
+    node restarted at once after a crash, not a second node): then it may be taken over
+    without waiting for it to go stale. A pid that is ours now (the same container
+    restarted) was certainly its; any other live pid is assumed to still be it."""
+    if holder.hostname != socket.gethostname():
+        return False
+    if holder.pid == os.getpid():
+        return True
+    try:
+        os.kill(holder.pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False

@@ -5,8 +5,9 @@ The database URL has no flag on purpose: a command line is visible to every user
 machine (`ps`), and the URL may carry a password.
 
 Exit codes: 0 stopped cleanly (drained, or stopped on request); 1 failed while running
-(database unreachable at start, HTTP address taken, node id taken over); 2 bad
-configuration or flags; 3 a worker failed at boot (a handler module does not import).
+(database unreachable at start, HTTP address taken, node id held by a live node or taken
+over); 2 bad configuration or flags; 3 a worker failed at boot (a handler module does not
+import).
 Errors are one line on stderr, never a traceback.
 """
 
@@ -25,7 +26,7 @@ from psycopg_pool import PoolTimeout
 from orch8.api.security import check_bind
 from orch8.config import Settings
 from orch8.database import redact, resolve_dsn
-from orch8.errors import ConfigError
+from orch8.errors import ConfigError, Conflict
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 PROG = "orch8-supervisor"
@@ -126,6 +127,8 @@ def _run(settings: Settings) -> int:
         code = asyncio.run(supervisor.run())
     except (psycopg.Error, PoolTimeout) as error:
         raise StartupError(f"cannot register the node: {error}") from None
+    except Conflict as error:  # the node id is held by a live node
+        raise StartupError(str(error)) from None
     if supervisor.failure is not None:
         _say(supervisor.failure)
     return code

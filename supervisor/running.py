@@ -37,10 +37,11 @@ from orch8.handlers.context import StepContext
 from orch8.handlers.registry import HandlerFunction, Registry
 
 FREE, RUNNING, ABANDONED = 0, 1, 2
-# state, attempt, length of the step id, instance id, step id (step ids are at most 128
-# ASCII characters: orch8.model).
-ROW = struct.Struct("<BIB16s128s")
+# state, attempt, length of the step id, instance id (high and low 64 bits: cheaper than
+# UUID.bytes), step id (at most 128 ASCII characters: orch8.model).
+ROW = struct.Struct("<BIBQQ128s")
 ROW_SIZE = 160
+LOW_64 = (1 << 64) - 1
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class RunningTable:
         self._map = mmap.mmap(fd, rows * ROW_SIZE)
         # list.pop and list.append are atomic under the GIL: no two threads get one row.
         self._free = list(range(rows - 1, -1, -1))
+        self._step_ids: dict[str, bytes] = {}
 
     @classmethod
     def create(cls, rows: int) -> RunningTable:
@@ -87,9 +89,12 @@ class RunningTable:
         except IndexError:
             return -1
         offset = row * ROW_SIZE
-        step = context.step_id.encode()
+        step = self._step_ids.get(context.step_id)
+        if step is None:
+            step = self._step_ids[context.step_id] = context.step_id.encode()
+        instance = context.instance_id.int
         ROW.pack_into(self._map, offset, FREE, context.attempt, len(step),
-                      context.instance_id.bytes, step)
+                      instance >> 64, instance & LOW_64, step)
         self._map[offset] = RUNNING
         return row
 
@@ -117,9 +122,10 @@ class RunningTable:
 
     def _marked(self) -> Iterator[RunningStep]:
         for row in range(self.rows):
-            state, attempt, length, instance, step = ROW.unpack_from(self._map, row * ROW_SIZE)
+            state, attempt, length, high, low, step = ROW.unpack_from(self._map,
+                                                                      row * ROW_SIZE)
             if state in (RUNNING, ABANDONED):
-                yield RunningStep(uuid.UUID(bytes=instance), step[:length].decode(),
+                yield RunningStep(uuid.UUID(int=high << 64 | low), step[:length].decode(),
                                   attempt, state == ABANDONED)
 
     def close(self) -> None:

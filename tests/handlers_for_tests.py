@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from typing import Any
 
 import orjson
@@ -65,3 +66,19 @@ def poison(ctx: StepContext, params: dict[str, Any]) -> dict[str, Any]:
     if params["mode"] == "sigkill":
         os.kill(os.getpid(), signal.SIGKILL)
     os._exit(1)
+
+
+@handler("ticker")
+def ticker(ctx: StepContext, params: dict[str, Any]) -> dict[str, Any]:
+    """A plain handler that runs `params.ms` milliseconds (`params.ms_on[node]` on that
+    node), writing a line to `params.ledger` when it starts, every 50 ms while it runs, and
+    when it ends: a test reads from the file whether it was still running at some moment."""
+    node = os.environ.get("ORCH8_NODE_ID", "?")
+    entry = {"instance": str(ctx.instance_id), "node": node, "pid": os.getpid()}
+    append_to_ledger(params["ledger"], {**entry, "event": "start", "t": time.time()})
+    deadline = time.monotonic() + params.get("ms_on", {}).get(node, params["ms"]) / 1000
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        append_to_ledger(params["ledger"], {**entry, "event": "tick", "t": time.time()})
+    append_to_ledger(params["ledger"], {**entry, "event": "end", "t": time.time()})
+    return {"node": entry["node"]}

@@ -68,7 +68,7 @@ def with_app(dsn: str, test: Callable[[httpx.AsyncClient, StaticNode], Awaitable
 def register(conn: psycopg.Connection[Any], node_id: str) -> None:
     async def run() -> None:
         async with await psycopg.AsyncConnection.connect(conn.info.dsn, autocommit=True) as own:
-            await nodes.register(own, node_id, uuid.uuid4(), "host", 1, 2)
+            await nodes.register(own, node_id, uuid.uuid4(), "host", 1, 2, 60)
 
     asyncio.run(run())
 

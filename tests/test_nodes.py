@@ -3,21 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
+import time
 import uuid
 from typing import Any
 
 import psycopg
+import pytest
 
 from orch8 import Client
+from orch8.errors import Conflict
 from orch8.store import nodes
 from orch8.store.claims import Owner, claim
 
+THRESHOLD_S = 60
 
-def register(conn: psycopg.Connection[Any], node_id: str) -> nodes.Registration:
+
+def register(conn: psycopg.Connection[Any], node_id: str, host: str = "host",
+             holder_gone: Any = lambda holder: False) -> nodes.Registration:
     async def run() -> nodes.Registration:
         async with await psycopg.AsyncConnection.connect(conn.info.dsn, autocommit=True) as own:
-            return await nodes.register(own, node_id, uuid.uuid4(), "host", 1, 2)
+            return await nodes.register(own, node_id, uuid.uuid4(), host, 1, 2, THRESHOLD_S,
+                                        holder_gone)
 
     return asyncio.run(run())
 
@@ -55,6 +63,7 @@ def test_register_then_heartbeat(conn: psycopg.Connection[Any]) -> None:
 
 def test_heartbeat_of_an_old_incarnation_is_not_alive(conn: psycopg.Connection[Any]) -> None:
     old = register(conn, "n1").incarnation
+    age(conn, "n1", THRESHOLD_S)
     new = register(conn, "n1").incarnation
     assert not nodes.heartbeat("n1", old, {}, False).run(conn).alive
     assert nodes.holder("n1").run(conn) == (new, "active")
@@ -122,9 +131,78 @@ def test_register_again_takes_over_and_releases_the_previous_claims(
         dsn: str, conn: psycopg.Connection[Any]) -> None:
     old = register(conn, "n1").incarnation
     claim_some(dsn, Owner("n1", old, 1), 2)
+    age(conn, "n1", THRESHOLD_S)  # silent for the threshold: as good as dead
     again = register(conn, "n1")
     assert again.released == 2 and again.previous_state == "active"
     assert running(conn) == 0
+
+
+def test_an_id_held_by_a_live_node_is_refused(dsn: str, conn: psycopg.Connection[Any]) -> None:
+    holder = register(conn, "n1", host="alpha").incarnation
+    claim_some(dsn, Owner("n1", holder, 1), 2)
+    age(conn, "n1", 5)
+    with pytest.raises(Conflict) as refused:
+        register(conn, "n1", host="beta")
+    assert re.match(r"node id n1 is held by a live node \(host alpha, pid 1, last heartbeat "
+                    r"5\.\ds ago\)", str(refused.value)), str(refused.value)
+    assert nodes.holder("n1").run(conn) == (holder, "active")
+    assert running(conn) == 2, "the holder's claims are untouched"
+
+
+@pytest.mark.parametrize("how", ["dead", "gone"])
+def test_an_id_whose_holder_is_dead_or_known_gone_is_taken_over(
+        dsn: str, conn: psycopg.Connection[Any], how: str) -> None:
+    holder = register(conn, "n1").incarnation
+    claim_some(dsn, Owner("n1", holder, 1), 2)
+    if how == "dead":
+        conn.execute("UPDATE cluster_nodes SET state = 'dead'")
+    seen: list[nodes.Holder] = []
+    again = register(conn, "n1", holder_gone=lambda h: seen.append(h) or how == "gone")
+    assert again.released == 2 and nodes.holder("n1").run(conn) == (again.incarnation,
+                                                                     "active")
+    assert [(h.incarnation, h.hostname, h.pid) for h in seen] == (
+        [(holder, "host", 1)] if how == "gone" else [])
+
+
+def test_a_replaced_incarnation_claims_nothing(dsn: str, conn: psycopg.Connection[Any]) -> None:
+    old = register(conn, "n1").incarnation
+    age(conn, "n1", THRESHOLD_S)
+    new = register(conn, "n1").incarnation
+    assert claim_some(dsn, Owner("n1", old, 1), 2) == []
+    conn.execute("UPDATE cluster_nodes SET state = 'dead'")
+    assert claim_some(dsn, Owner("n1", new, 1), 2) == [], "a node declared dead claims nothing"
+    conn.execute("UPDATE cluster_nodes SET state = 'active'")
+    assert len(claim_some(dsn, Owner("n1", new, 1), 2)) == 2
+
+
+def test_a_claim_in_flight_during_a_takeover_takes_nothing(
+        dsn: str, conn: psycopg.Connection[Any]) -> None:
+    old = register(conn, "n1").incarnation
+    with Client(dsn) as client:
+        client.create_sequence("s", [{"id": "a", "handler": "noop"}])
+        client.start_many([{"sequence": "s"} for _ in range(3)])
+    taken: list[list[uuid.UUID]] = []
+    with psycopg.connect(dsn) as takeover:
+        # What a registration does first: lock the node row. Then the claim starts.
+        takeover.execute("SELECT 1 FROM cluster_nodes WHERE id = 'n1' FOR UPDATE")
+        claimer = threading.Thread(target=lambda: taken.append(asyncio.run(_claim(dsn, old))))
+        claimer.start()
+        waiting = ("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                   "AND datname = current_database()")
+        deadline = time.monotonic() + 10
+        while conn.execute(waiting).fetchone()[0] == 0:  # the claim waits on the row lock
+            assert time.monotonic() < deadline, "the claim never waited for the takeover"
+            time.sleep(0.01)
+        takeover.execute("UPDATE cluster_nodes SET incarnation = %s", (uuid.uuid4(),))
+        takeover.commit()
+        claimer.join(10)
+    assert taken == [[]], "the claim saw the new incarnation and took nothing"
+    assert running(conn) == 0
+
+
+async def _claim(dsn: str, incarnation: uuid.UUID) -> list[uuid.UUID]:
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        return [c.id for c in await claim(conn, Owner("n1", incarnation, 1), 3)]
 
 
 def test_deregister_removes_the_row_and_releases(dsn: str, conn: psycopg.Connection[Any]

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from supervisor.protocol import BootFailed, Drain, Hurry, ProtocolError, Report, decode, encode
-from supervisor.slots import WorkerSlot, describe_exit
+from supervisor.slots import describe_exit
 
 
 @pytest.mark.parametrize("message", [
@@ -39,11 +37,3 @@ def test_anything_else_is_a_protocol_error(frame: bytes) -> None:
 def test_exits_are_described_by_cause(code: int, said: str) -> None:
     assert describe_exit(code) == said
 
-
-def test_restarts_back_off_after_repeated_failures() -> None:
-    slot = WorkerSlot(1)
-    slot.started_at = time.monotonic()
-    delays = [slot.schedule_restart() for _ in range(9)]
-    assert delays == [0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
-    slot.started_at = time.monotonic() - 60  # a long, healthy life resets the count
-    assert slot.schedule_restart() == 0.0

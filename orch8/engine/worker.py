@@ -7,6 +7,10 @@ runs each in its own task. Polling is the source of truth; NOTIFY only shortens 
 Stopping: `stop` set -> stop claiming; in-flight instances finish the step they are in and
 release the rest of their run; after `drain_timeout_s` (or at once after `hurry()`), what
 still runs is cancelled and its claims released (fenced), so nothing waits for staleness.
+A plain (non-async) handler cannot be cancelled: its thread runs on. Its claim is then
+kept, not released, so that no other worker can start the step while it still runs here;
+the process must exit, and whoever watches it releases the claim once it is gone (the
+supervisor does, `still_running` tells which).
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
+from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
@@ -31,6 +37,10 @@ from orch8.store.claims import Claimed, Owner
 
 log = logging.getLogger("orch8.engine.worker")
 
+# How long a stopping worker waits for its cancelled runs to end (an async handler may
+# catch the cancellation and carry on, or block the loop).
+CANCEL_GRACE_S = 1.0
+
 
 class Worker:
     def __init__(
@@ -40,6 +50,7 @@ class Worker:
         owner: Owner,
         registry: Registry | None = None,
         stats: WorkerStats | None = None,
+        still_running: Callable[[], Collection[uuid.UUID]] | None = None,
     ) -> None:
         self.settings = settings
         self.owner = owner
@@ -53,6 +64,8 @@ class Worker:
         self._last_claim_full = False
         # Claims whose run ended in an error (a long database outage): given back next tick.
         self._orphans: list[Claimed] = []
+        # Instances whose handler code still runs in this process (see the module doc).
+        self._still_running = still_running or (lambda: ())
 
     @property
     def _refill_at(self) -> int:
@@ -174,11 +187,19 @@ class Worker:
         left = dict(self._running)
         for task in left:
             task.cancel()
-        await asyncio.gather(*left, return_exceptions=True)
+        if left:
+            await asyncio.wait(left, timeout=CANCEL_GRACE_S)
         # Outcomes of steps that finished are written (or refused, and counted) before the
         # claims go back: a finished step must not run again because we stopped.
         await committer.flush()
-        unfinished = list(left.values()) + self._orphans
+        unfinished, kept = list(self._orphans), list[Claimed]()
+        still_running = self._still_running()
+        for task, instance in left.items():
+            stopped = task.done() and instance.id not in still_running
+            (unfinished if stopped else kept).append(instance)
+        if kept:
+            log.warning("stopping: %d handlers still running cannot be stopped; their claims "
+                        "go back once this process has exited", len(kept))
         if unfinished:
             async with pool.connection() as conn:
                 released = await claims.release_unstarted(conn, unfinished)

@@ -59,13 +59,28 @@ class Owner:
 # this statement holds every slot row of the key locked: a finishing instance must then
 # wait for this claim to commit before it frees its slot, and its wake-up sees the parked
 # rows. A key with a slot row locked elsewhere is not parked this time (tried next claim).
-# Nothing here ever waits: instance rows and slot rows are all taken with SKIP LOCKED.
-CLAIM = """
-WITH candidate AS MATERIALIZED (
+# Nothing here waits on instances: their rows and slot rows are all taken with SKIP LOCKED.
+#
+# `replaced` (see CLAIMER_REPLACED) is the one wait: on a registration of this node id in
+# flight. It stops an incarnation that is no longer the registered one from claiming.
+CLAIMER_REPLACED = """
+claimer AS MATERIALIZED (
+    -- KEY SHARE on our node row, whatever it holds: a registration that takes the id
+    -- over (FOR UPDATE of the row, orch8.store.nodes) waits for this claim to commit, or
+    -- this claim waits for it and then reads the row as it committed it. Heartbeats and
+    -- sweeps do not conflict with it. A node id with no row at all (a worker run without
+    -- a supervisor) is not checked.
+    SELECT incarnation, state FROM cluster_nodes WHERE id = %(node_id)s FOR KEY SHARE
+), replaced AS (
+    SELECT 1 FROM claimer WHERE incarnation <> %(incarnation)s OR state = 'dead'
+)"""
+CLAIM = f"""
+WITH {CLAIMER_REPLACED}, candidate AS MATERIALIZED (
     SELECT id, concurrency_key AS key, coalesce(max_concurrency, 1) AS cap, priority,
         next_fire_at
     FROM instances
     WHERE state = 'scheduled' AND NOT waiting_for_slot AND next_fire_at <= now()
+      AND NOT EXISTS (SELECT 1 FROM replaced)
     ORDER BY priority DESC, next_fire_at
     LIMIT %(limit)s
     -- SKIP LOCKED: never wait on a row another worker is claiming; take the next one.

@@ -13,13 +13,16 @@ only ever lock `instances` rows, so no statement here can deadlock with a claim.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import orjson
 import psycopg
+from psycopg.rows import dict_row
 
+from orch8.errors import Conflict
 from orch8.store.claims import RELEASE_OWNER, release_owner_params
 from orch8.store.query import Query, Row
 
@@ -37,11 +40,28 @@ class Registration:
     previous_state: str | None
 
 
+@dataclass(frozen=True)
+class Holder:
+    """Who held a node id when another process asked to register under it."""
+
+    incarnation: uuid.UUID
+    state: str
+    hostname: str
+    pid: int
+    last_heartbeat: datetime
+    # Seconds since that heartbeat, by the database's clock.
+    silent_s: float
+
+
 # Three statements in one transaction, in the lock order above. FOR UPDATE on the
 # previous row makes a concurrent sweep of it wait for us (or us for it), so its claims
-# are released once, here or there.
+# are released once, here or there; and it makes claims of the previous incarnation in
+# flight finish first, while later ones see the new incarnation and take nothing (the
+# claim reads this row FOR KEY SHARE: orch8.store.claims).
 LOCK_PREVIOUS = """
-SELECT incarnation, state FROM cluster_nodes WHERE id = %(node_id)s FOR UPDATE
+SELECT incarnation, state, hostname, pid, last_heartbeat,
+       extract(epoch FROM now() - last_heartbeat)::float8 AS silent_s
+FROM cluster_nodes WHERE id = %(node_id)s FOR UPDATE
 """
 UPSERT = """
 INSERT INTO cluster_nodes (id, incarnation, hostname, pid, workers, state)
@@ -55,24 +75,45 @@ RETURNING started_at
 
 
 async def register(conn: psycopg.AsyncConnection[Any], node_id: str, incarnation: uuid.UUID,
-                   hostname: str, pid: int, workers: int) -> Registration:
+                   hostname: str, pid: int, workers: int, stale_threshold_s: float,
+                   holder_gone: Callable[[Holder], bool] = lambda holder: False
+                   ) -> Registration:
     """Insert (or take over) the node's row as `incarnation`, state `active`.
 
-    A previous holder of the id (this node's former life) has its claims released with
-    the epoch bumped, so nothing it still runs can write.
+    A previous holder of the id may be taken over only if it is dead: declared so, silent
+    for `stale_threshold_s`, or known gone by `holder_gone` (the caller's knowledge, such
+    as "that process ran on this host and has exited"). Otherwise a live node holds the
+    id, and `Conflict` says which. A holder taken over has its claims released with the
+    epoch bumped, so nothing it still runs can write.
     """
     params = {"node_id": node_id, "incarnation": incarnation, "hostname": hostname,
               "pid": pid, "workers": workers}
     released, previous_state = 0, None
     async with conn.transaction():
-        previous = await (await conn.execute(LOCK_PREVIOUS, params)).fetchone()
+        async with conn.cursor(row_factory=dict_row) as cursor:
+            await cursor.execute(LOCK_PREVIOUS, params)
+            previous = await cursor.fetchone()
         if previous is not None:
-            previous_state = previous[1]
-            cursor = await conn.execute(RELEASE_OWNER, release_owner_params(previous[0], None))
-            released = int((await cursor.fetchone())[0])  # type: ignore[index]
+            holder = Holder(**previous)
+            if _alive(holder, stale_threshold_s) and not holder_gone(holder):
+                raise Conflict(_held_by(node_id, holder))
+            previous_state = holder.state
+            freed = await conn.execute(RELEASE_OWNER,
+                                       release_owner_params(holder.incarnation, None))
+            released = int((await freed.fetchone())[0])  # type: ignore[index]
         row = await (await conn.execute(UPSERT, params)).fetchone()
     assert row is not None
     return Registration(node_id, incarnation, row[0], released, previous_state)
+
+
+def _alive(holder: Holder, stale_threshold_s: float) -> bool:
+    return holder.state != "dead" and holder.silent_s < stale_threshold_s
+
+
+def _held_by(node_id: str, holder: Holder) -> str:
+    return (f"node id {node_id} is held by a live node (host {holder.hostname}, pid "
+            f"{holder.pid}, last heartbeat {holder.silent_s:.1f}s ago); two nodes must not "
+            "share ORCH8_NODE_ID: stop that one first, or wait until it is declared dead")
 
 
 @dataclass(frozen=True)
