@@ -18,7 +18,8 @@ FROM python:3.12-slim-bookworm
 RUN apt-get update \
     && apt-get install -y --no-install-recommends tini \
     && rm -rf /var/lib/apt/lists/* \
-    && useradd --system --uid 10001 --user-group --home-dir /var/lib/orch8 --create-home orch8
+    && groupadd --system --gid 10001 orch8 \
+    && useradd --system --uid 10001 --gid 10001 --home-dir /var/lib/orch8 --create-home orch8
 COPY --from=build /opt/orch8 /opt/orch8
 # A non-loopback address needs ORCH8_API_TOKEN (the node refuses to start without it).
 ENV PATH=/opt/orch8/bin:$PATH \

@@ -12,7 +12,8 @@ worker is up and `STOPPING=1` when a drain or stop begins (the arbiter sends tho
   the stale threshold (past it the cluster has declared the node dead anyway), and no
   live worker has been silent for twice the worker timeout (the arbiter kills a worker
   silent for one; one still silent after two means that remedy itself is stuck).
-  Withheld pings make systemd restart the node after `WatchdogSec`.
+  Withheld pings make systemd restart the node after `WatchdogSec`. (systemd watches only
+  while the unit is running; after `STOPPING=1` its stop timeout applies instead.)
 
 Without `NOTIFY_SOCKET` (any other way of running the node) nothing is sent.
 """

@@ -8,6 +8,7 @@ No container runtime or cluster runs here: nothing in this file builds or starts
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -112,7 +113,10 @@ def test_dockerfile() -> None:
             for source in args.split()[:-1]:
                 assert (REPO / source).exists(), source
     [user] = [args for op, args in lines if op == "USER"]
-    assert int(user.split(":")[0]) >= 1000, "non-root, numeric (runAsNonRoot can check it)"
+    uid, gid = user.split(":")
+    assert int(uid) >= 1000, "non-root, numeric (runAsNonRoot can check it)"
+    assert any(op == "RUN" and f"--uid {uid} --gid {gid}" in args and f"--gid {gid} orch8"
+               in args for op, args in lines), "the user and group the image runs as exist"
     assert ("STOPSIGNAL", "SIGTERM") in lines
     [entrypoint] = [args for op, args in lines if op == "ENTRYPOINT"]
     assert entrypoint.startswith('["/usr/bin/tini", "--"]')
@@ -123,6 +127,7 @@ def test_dockerfile() -> None:
     port = re.search(r"ORCH8_BIND=0\.0\.0\.0:(\d+)", env)[1]  # type: ignore[index]
     assert ("EXPOSE", port) in lines
     [health] = [args for op, args in lines if op == "HEALTHCHECK"]
+    assert json.loads(health.split(" CMD ", 1)[1])[0] == "python", "exec form, no shell"
     probe = re.search(r"http://127\.0\.0\.1:(\d+)(/[\w/]+)", health)
     assert probe and probe[1] == port and probe[2] == "/health/live"
     assert "/health/live" in routes()

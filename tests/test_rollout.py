@@ -271,3 +271,13 @@ def test_usage_errors_exit_2(args: tuple[str, ...], expected: str) -> None:
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("orch8: ") and expected in lines[0], lines
+
+
+def test_a_missing_token_stops_before_anything_is_drained(cluster: Cluster, db: str,
+                                                          tmp_path: Path) -> None:
+    node = cluster.start("node-a", ORCH8_API_TOKEN="rollout-token-5c1f")
+    error = one_line_error(rollout(target(node), "--min-ready", "0",
+                                   "--restart", marker_command(tmp_path)))
+    assert "(set ORCH8_API_TOKEN to the node's token)" in error, error
+    assert node.ready_status() == 200 and not drain_requested(db, "node-a")
+    assert not list(tmp_path.glob("restarted-*"))
