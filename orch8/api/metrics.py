@@ -22,7 +22,6 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from orch8.api.node import NodeView, WorkerReport
-from orch8.engine.stats import COUNTERS
 from orch8.model import Priority
 from orch8.store.instances import queue_depth
 
@@ -39,6 +38,8 @@ COUNTER_METRICS = {
     "released": ("orch8_instances_released", "Claims released without finishing a step."),
     "fenced_rejected": ("orch8_fenced_writes_rejected",
                         "Writes refused because the claim had moved on (epoch fence)."),
+    "rate_limited": ("orch8_steps_rate_limited",
+                     "Steps put back because their handler's rate limit was reached."),
 }
 NODE_STATES = ("active", "draining", "stopping")
 # Steps range from microseconds (noop) to minutes; lateness from milliseconds up.
@@ -64,7 +65,7 @@ class NodeMetrics:
         self._seen: dict[int, _Seen] = {}
         self.counters = {
             name: Counter(metric, text, registry=self.registry)
-            for name, (metric, text) in _counter_metrics().items()
+            for name, (metric, text) in COUNTER_METRICS.items()
         }
         self.step_seconds = Histogram(
             "orch8_step_duration_seconds", "Time a step handler ran.",
@@ -125,14 +126,6 @@ class NodeMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
-
-
-def _counter_metrics() -> dict[str, tuple[str, str]]:
-    """Every worker counter gets a metric, including ones added after this table."""
-    metrics = dict(COUNTER_METRICS)
-    for name in COUNTERS:
-        metrics.setdefault(name, (f"orch8_{name}", f"Worker counter {name!r}."))
-    return metrics
 
 
 def metrics_route(node: NodeView) -> Route:
