@@ -50,9 +50,6 @@ class Registry:
     def get(self, name: str) -> Handler | None:
         return self._handlers.get(name)
 
-    def names(self) -> list[str]:
-        return sorted(self._handlers)
-
 
 default_registry = Registry()
 
