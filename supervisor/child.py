@@ -12,6 +12,7 @@ working for a node that no longer heartbeats.
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import logging
 import os
 import signal
@@ -71,6 +72,8 @@ def _set_up_process(start: WorkerStart) -> None:
     import setproctitle
 
     setproctitle.setproctitle(start.title)
+    # A hung worker gets SIGABRT from the supervisor: print every thread's stack first.
+    faulthandler.enable()
     # Ctrl-C (and Ctrl-\) reach the whole group; the supervisor decides what they mean
     # and tells us over the pipe.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

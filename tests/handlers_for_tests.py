@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from typing import Any
 
 import psycopg
@@ -42,3 +43,10 @@ async def record(ctx: StepContext, params: dict[str, Any]) -> dict[str, Any]:
         await conn.execute(RECORD, row)
     await asyncio.sleep(params.get("ms", 0) / 1000)
     return {"node": node_id, "pid": os.getpid()}
+
+
+@handler("block_loop")
+async def block_loop(ctx: StepContext, params: dict[str, Any]) -> dict[str, Any]:
+    """Hang the worker: block its event loop (no reports reach the supervisor)."""
+    time.sleep(params.get("s", 30))
+    return {}
