@@ -49,36 +49,24 @@ def graph() -> dict[str, set[str]]:
             for name, targets in edges.items()}
 
 
+def reachable(edges: dict[str, set[str]], start: str) -> set[str]:
+    """Every module `start` imports, directly or through others."""
+    seen: set[str] = set()
+    todo = list(edges.get(start, ()))
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo.extend(edges.get(name, ()))
+    return seen
+
+
 def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
-    """Strongly connected components of more than one module (Tarjan)."""
-    index: dict[str, int] = {}
-    low: dict[str, int] = {}
-    stack: list[str] = []
-    found: list[list[str]] = []
-
-    def visit(name: str) -> None:
-        index[name] = low[name] = len(index)
-        stack.append(name)
-        for target in sorted(edges.get(name, ())):
-            if target not in index:
-                visit(target)
-                low[name] = min(low[name], low[target])
-            elif target in stack:
-                low[name] = min(low[name], index[target])
-        if low[name] == index[name]:
-            component = []
-            while True:
-                member = stack.pop()
-                component.append(member)
-                if member == name:
-                    break
-            if len(component) > 1:
-                found.append(sorted(component))
-
-    for name in sorted(edges):
-        if name not in index:
-            visit(name)
-    return found
+    """Groups of modules that import one another (directly or around a loop)."""
+    reach = {name: reachable(edges, name) for name in edges}
+    groups = {tuple(sorted({name} | {other for other in reach[name] if name in reach[other]}))
+              for name in edges if name in reach[name]}
+    return sorted(list(group) for group in groups)
 
 
 def test_the_library_never_imports_the_supervisor() -> None:
