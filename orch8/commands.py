@@ -49,16 +49,9 @@ NODE_COLUMNS = ("id", "state", "hostname", "workers", "instances_claimed", "last
 
 
 def nodes(args: argparse.Namespace, remote: Remote) -> int:
-    found = remote.get("/cluster/nodes")
-    rows = found.get("nodes", []) if isinstance(found, dict) else found
-    _show(args, found, tables.render(rows, _columns(rows, NODE_COLUMNS)))
+    rows = remote.get("/cluster/nodes")  # a list of nodes
+    _show(args, rows, tables.render(rows, NODE_COLUMNS))
     return EXIT_OK
-
-
-def _columns(rows: list[dict[str, Any]], preferred: tuple[str, ...]) -> tuple[str, ...]:
-    """The preferred columns that the rows have (the node list's shape is the cluster's)."""
-    present = {key for row in rows for key in row}
-    return tuple(column for column in preferred if column in present) or preferred[:2]
 
 
 def drain(args: argparse.Namespace, remote: Remote) -> int:
@@ -77,10 +70,11 @@ def drain(args: argparse.Namespace, remote: Remote) -> int:
             if error.status is not None or last is None:
                 raise
             node = None
-        if node is None or node.get("state") in ("dead", "left", "stopped"):
+        # A node that has left deregistered (no row); one that died is marked "dead".
+        if node is None or node["state"] == "dead":
             _show(args, {"node": args.node, "left": True}, f"node {args.node} has left")
             return EXIT_OK
-        shown = f"{args.node}: {node.get('state')}, {_in_flight(node)}"
+        shown = f"{args.node}: {node['state']}, {node['instances_claimed']} instances claimed"
         if shown != last:
             _progress(shown)
             last = shown
@@ -89,16 +83,8 @@ def drain(args: argparse.Namespace, remote: Remote) -> int:
 
 
 def _find_node(remote: Remote, node_id: str) -> dict[str, Any] | None:
-    found = remote.get("/cluster/nodes")
-    rows = found.get("nodes", []) if isinstance(found, dict) else found
-    return next((row for row in rows if row.get("id") == node_id), None)
-
-
-def _in_flight(node: dict[str, Any]) -> str:
-    for key in ("in_flight", "instances_claimed"):
-        if key in node:
-            return f"{key.replace('_', ' ')} {node[key]}"
-    return "waiting"
+    rows: list[dict[str, Any]] = remote.get("/cluster/nodes")
+    return next((row for row in rows if row["id"] == node_id), None)
 
 
 def queue(args: argparse.Namespace, remote: Remote) -> int:

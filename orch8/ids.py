@@ -9,7 +9,6 @@ import time
 import uuid
 from typing import NewType
 
-InstanceId = NewType("InstanceId", uuid.UUID)
 NodeId = NewType("NodeId", str)
 
 

@@ -10,8 +10,10 @@ when a stop has emptied every slot. Signals: see `supervisor.signals`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import signal
 import time
 import uuid
 from collections.abc import Callable
@@ -43,6 +45,8 @@ TICK_S = 0.25
 DRAIN_GRACE_S = 5.0
 STOP_GRACE_S = 5.0
 HEARTBEAT_STOP_S = 10.0
+# How long a hung worker has, after its SIGABRT, to print its stack and exit.
+ABORT_GRACE_S = 2.0
 
 EXIT_OK, EXIT_FAILED, EXIT_BOOT_FAILED = 0, 1, BOOT_FAILED_EXIT
 # Counters the supervisor keeps itself; worker slots are numbered from 1.
@@ -96,6 +100,8 @@ class Supervisor:
         # What the supervisor itself did (settled a dead worker's claims, restarted it),
         # counted like a worker's counters and published to the same listeners.
         self._counts: dict[str, int] = dict.fromkeys(SUPERVISOR_COUNTERS, 0)
+        # Hung workers already sent SIGABRT (by pid): the next step is SIGKILL.
+        self._aborted: set[int] = set()
         self._database_ok = False
         self._exit_code = EXIT_OK
         self.failure: str | None = None
@@ -381,12 +387,26 @@ class Supervisor:
             _call_listener(listener, report)
 
     def _murder_hung(self) -> None:
+        # As gunicorn does: SIGABRT first, so the worker's faulthandler prints where it
+        # hung; SIGKILL if it is still there ABORT_GRACE_S later.
         now = time.monotonic()
         for slot in self._slots:
             silent = now - slot.last_heard_at
-            if slot.alive and silent > self.settings.worker_timeout_s:
-                log.error("worker %d (pid %s) sent nothing for %.0fs; killing it",
-                          slot.number, slot.process.pid if slot.process else "?", silent)
+            if not slot.alive or silent <= self.settings.worker_timeout_s:
+                continue
+            assert slot.process is not None and slot.process.pid is not None
+            pid = slot.process.pid
+            if pid not in self._aborted:
+                log.error("worker %d (pid %s) sent nothing for %.0fs; aborting it (its stack "
+                          "follows)", slot.number, pid, silent)
+                self._aborted.add(pid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGABRT)
+                slot.last_heard_at = now - self.settings.worker_timeout_s + ABORT_GRACE_S
+            else:
+                log.error("worker %d (pid %s) did not exit on SIGABRT; killing it",
+                          slot.number, pid)
+                self._aborted.discard(pid)
                 slot.kill()
                 slot.last_heard_at = now  # one kill per timeout, not one per tick
 

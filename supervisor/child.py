@@ -12,6 +12,7 @@ working for a node that no longer heartbeats.
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import logging
 import os
 import signal
@@ -97,6 +98,8 @@ def _set_up_process(start: WorkerStart) -> None:
 
     setproctitle.setproctitle(start.title)
     os.environ[METRICS_DIR_VARIABLE] = start.metrics_dir
+    # A hung worker gets SIGABRT from the supervisor: print every thread's stack first.
+    faulthandler.enable()
     # Ctrl-C (and Ctrl-\) reach the whole group; the supervisor decides what they mean
     # and tells us over the pipe.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

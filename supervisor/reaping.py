@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import psycopg
 
@@ -29,15 +30,31 @@ from supervisor.phase import Phase
 from supervisor.running import RunningStep
 from supervisor.slots import DeadWorker, WorkerSlot
 
-if TYPE_CHECKING:
-    from supervisor.arbiter import Supervisor
+
+class Reaper(Protocol):
+    """What reaping needs of the supervisor (which implements it): the arrow points one
+    way, from the supervisor to this module."""
+
+    dsn: str
+    incarnation: uuid.UUID
+    failure: str | None
+
+    @property
+    def phase(self) -> Phase: ...
+
+    def forget_fds(self, slot: WorkerSlot) -> None: ...
+
+    def fail(self, message: str, exit_code: int = ...) -> None: ...
+
+    def count(self, counter: str, amount: int = 1) -> None: ...
+
 
 log = logging.getLogger("orch8.supervisor")
 
 RELEASE_TIMEOUT_S = 5
 
 
-async def reap(node: Supervisor, slots: list[WorkerSlot]) -> None:
+async def reap(node: Reaper, slots: list[WorkerSlot]) -> None:
     """Collect every exited worker: log why, settle its claims, plan its restart."""
     for slot in slots:
         if slot.process is None or slot.process.exitcode is None:
@@ -67,7 +84,7 @@ def _plan_restart(slot: WorkerSlot, retired: bool) -> None:
     log.info("restarting worker %d in %.1fs", slot.number, delay)
 
 
-async def release(node: Supervisor, slot: WorkerSlot) -> bool:
+async def release(node: Reaper, slot: WorkerSlot) -> bool:
     """Settle the claims of the slot's last process; return whether that is done."""
     dead = slot.pending_release
     if dead is None:

@@ -7,11 +7,37 @@ import time
 import uuid
 from collections.abc import Callable
 
+import psycopg
+
 from orch8.config import Settings
 from orch8.engine.worker import Worker
 from orch8.store.claims import Owner
 
 FAST = Settings(tick_interval_ms=20, commit_linger_ms=0.0, drain_timeout_s=10)
+
+# A worker LISTENs on its own connection once its pool is open and its claim loop starts;
+# the statement stays in pg_stat_activity while the connection waits for notifications.
+LISTENING = """
+SELECT count(*) FROM pg_stat_activity
+WHERE datname = current_database() AND query = 'LISTEN orch8_work'
+"""
+
+
+def listening_workers(dsn: str) -> int:
+    """How many workers are listening for NOTIFY on the test database now."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(LISTENING).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def wait_for_listeners(dsn: str, count: int, timeout_s: float = 60.0) -> None:
+    """Wait until `count` workers listen for NOTIFY (TimeoutError after `timeout_s`)."""
+    deadline = time.monotonic() + timeout_s
+    while listening_workers(dsn) < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"fewer than {count} workers listening after {timeout_s}s")
+        time.sleep(0.02)
 
 
 def run_workers_until(

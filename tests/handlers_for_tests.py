@@ -82,3 +82,8 @@ def ticker(ctx: StepContext, params: dict[str, Any]) -> dict[str, Any]:
         append_to_ledger(params["ledger"], {**entry, "event": "tick", "t": time.time()})
     append_to_ledger(params["ledger"], {**entry, "event": "end", "t": time.time()})
     return {"node": entry["node"]}
+@handler("block_loop")
+async def block_loop(ctx: StepContext, params: dict[str, Any]) -> dict[str, Any]:
+    """Hang the worker: block its event loop (no reports reach the supervisor)."""
+    time.sleep(params.get("s", 30))
+    return {}

@@ -24,6 +24,7 @@ from orch8 import StepContext
 from orch8.config import Settings
 from orch8.engine.worker import Worker
 from orch8.store.claims import Owner
+from tests.engine_helpers import wait_for_listeners
 
 OBSERVED = """
 CREATE TABLE IF NOT EXISTS observed_calls (
@@ -69,7 +70,6 @@ def run_worker(dsn: str, node_id: str, slot: int, settings: Settings,
         stopping = asyncio.Event()
         worker = Worker(settings, dsn, Owner(node_id, uuid.uuid4(), slot))
         running = asyncio.create_task(worker.run(stopping))
-        await asyncio.sleep(0.5)  # its pool open and its claim loop waiting
         ready.release()
         while not stop.is_set() and not running.done():
             await asyncio.sleep(0.05)
@@ -99,6 +99,8 @@ def worker_processes(dsn: str, nodes: list[str], settings: Settings) -> Iterator
         for _ in processes:
             if not ready.acquire(timeout=60):
                 raise TimeoutError("a worker process did not start")
+        # Up and idle: each has its pool open and its claim loop running (it LISTENs).
+        wait_for_listeners(dsn, len(processes))
         yield
     finally:
         stop.set()

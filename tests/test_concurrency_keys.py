@@ -8,6 +8,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg_pool import AsyncConnectionPool
 
 from orch8 import Client, State
 from orch8.store import claims, concurrency, nodes
@@ -203,9 +204,16 @@ def test_the_backstop_wakes_a_waiter_left_behind_a_free_slot(client, dsn, conn):
     conn.execute("UPDATE concurrency_slots SET instance_id = NULL")
     conn.execute("SET session_replication_role = DEFAULT")
     assert claim(dsn, 10) == []
-    assert concurrency.wake_stranded().run(conn) == 1
+    assert asyncio.run(backstop_once(dsn)) == 1
     assert len(claim(dsn, 10)) == 1
-    assert concurrency.wake_stranded().run(conn) == 0
+    assert asyncio.run(backstop_once(dsn)) == 0
+
+
+async def backstop_once(dsn):
+    """One round of the workers' backstop, on a pool of its own."""
+    async with AsyncConnectionPool(dsn, min_size=1, max_size=1,
+                                   kwargs={"autocommit": True}) as pool:
+        return await concurrency.SlotBackstop(pool).run_once()
 
 
 def test_the_claim_reads_its_index_with_keys_and_waiters_present(client, conn):

@@ -2,8 +2,8 @@
 
 Three worker processes (as a supervisor would run them) share keys with small caps and
 unkeyed work. Each step records its real start and end; the intervals show how many of a
-key's steps ever ran at the same moment (it must never pass the cap), and how close a
-saturated key's throughput came to its ideal (cap / step time).
+key's steps ever ran at the same moment (it must never pass the cap). How close a
+saturated key's throughput comes to its ideal is a figure: `bench/key_saturation.py`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ def most_at_once(intervals: list[tuple[float, float]]) -> int:
     return peak
 
 
-def test_keys_never_overshoot_across_worker_processes(dsn):
+def run_keyed_load(dsn: str) -> list[tuple[str, str, float, float]]:
+    """Run the keyed and unkeyed instances on three worker processes; every call made."""
     with Client(dsn) as client:
         client.create_sequence("timed", [
             {"id": "step", "handler": "test_timed_step", "params": {"sleep_ms": STEP_MS}}])
@@ -45,23 +46,15 @@ def test_keys_never_overshoot_across_worker_processes(dsn):
             client.start_many(requests)
             wait_until_finished(dsn, len(requests), timeout_s=60)
     with psycopg.connect(dsn) as conn:
-        rows = conn.execute(
+        return conn.execute(
             "SELECT label, node_id, started, ended FROM observed_calls").fetchall()
-    print(f"\nstep {STEP_MS} ms, 3 worker processes")
+
+
+def test_keys_never_overshoot_across_worker_processes(dsn):
+    rows = run_keyed_load(dsn)
     for key, (cap, count) in KEYS.items():
         calls = [(started, ended) for label, _, started, ended in rows if label == key]
-        nodes = {node for label, node, _, _ in rows if label == key}
         assert len(calls) == count
         peak = most_at_once(calls)
-        span = max(end for _, end in calls) - min(start for start, _ in calls)
-        throughput, ideal = count / span, cap / (STEP_MS / 1000)
-        print(f"key {key!r}: cap {cap}, most running at once {peak}, "
-              f"{throughput:.1f}/s vs ideal {ideal:.1f}/s ({throughput / ideal:.0%}), "
-              f"ran on {len(nodes)} processes")
         assert peak <= cap, f"key {key} ran {peak} at once with max_concurrency {cap}"
-        if cap == 1:
-            ordered = sorted(calls)
-            gaps = sorted(b[0] - a[1] for a, b in zip(ordered, ordered[1:], strict=False))
-            print(f"key {key!r}: a freed slot's next step started after "
-                  f"{gaps[len(gaps) // 2] * 1000:.0f} ms (median; commit, wake-up, claim)")
     assert sum(1 for label, *_ in rows if label == "unkeyed") == UNKEYED

@@ -14,7 +14,7 @@ from orch8 import Client, State
 from orch8.config import Settings
 from orch8.engine.worker import Worker
 from orch8.store.claims import Owner
-from tests.engine_helpers import FAST, run_workers_until
+from tests.engine_helpers import FAST, run_workers_until, wait_for_listeners
 
 
 @pytest.fixture
@@ -234,7 +234,10 @@ def test_a_notify_wakes_an_idle_worker_before_the_next_tick(dsn, client):
     box = {}
 
     def start_later():
-        time.sleep(0.5)  # the worker has done its first (empty) claim and sleeps 5 s
+        # Once the worker listens, its first (empty) claim is behind it: it started with
+        # the claim loop, which needs no new connection. Only a NOTIFY now wakes it
+        # before its next tick, 5 s away.
+        wait_for_listeners(dsn, 1)
         box["id"] = client.start("wake").id
         box["at"] = time.monotonic()
 

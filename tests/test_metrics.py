@@ -18,10 +18,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from psycopg_pool import AsyncConnectionPool
 
 from orch8 import Client
+from orch8.api.metrics import NodeMetrics
 from orch8.api.node import ReportListener, WorkerReport
 from orch8.config import Settings
 from orch8.engine.stats import METRICS_DIR_VARIABLE
-from orch8.metrics import NodeMetrics
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

@@ -351,6 +351,19 @@ def test_hung_worker_is_killed_and_restarted(cluster: Cluster, db: str) -> None:
                15, "a replacement worker")
 
 
+def test_hung_worker_prints_its_stack_before_it_is_killed(cluster: Cluster, db: str) -> None:
+    node = cluster.start("node-a", ORCH8_WORKER_TIMEOUT_SECS="2", **ONE_AT_A_TIME)
+    with Client(db) as client:
+        client.create_sequence("hang", [{"id": "a", "handler": "block_loop",
+                                         "params": {"s": 60}}])
+        client.start("hang")
+    wait_until(lambda: "killed by SIGABRT" in node.log(), 30, "the abort")
+    log = node.log()
+    assert "aborting it (its stack follows)" in log
+    # faulthandler's dump names the handler the worker hung in.
+    assert "Fatal Python error: Aborted" in log and "in block_loop" in log
+
+
 def test_worker_boot_failure_stops_the_node(cluster: Cluster, db: str) -> None:
     node = cluster.start("node-a", wait_ready=False, ORCH8_HANDLERS="no_such_module_here")
     assert node.wait_exit(60) == 3

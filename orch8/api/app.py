@@ -1,7 +1,7 @@
 """The app factory: one Starlette app per node, built around the node it serves.
 
 Routes come from modules that each own one area: health and cluster (`cluster`),
-workflows and rate limits (`workflows`, `rate_limits`), metrics (`orch8.metrics`).
+workflows and rate limits (`workflows`, `rate_limits`), metrics (`metrics`).
 Every error becomes a response in `errors`; `admission` bounds the requests in progress
 and `auth` checks the bearer token.
 """
@@ -16,8 +16,8 @@ from orch8.api import cluster, openapi, rate_limits, workflows
 from orch8.api.admission import Admission, Gate
 from orch8.api.auth import BearerAuth
 from orch8.api.errors import exception_handlers
+from orch8.api.metrics import metrics_route
 from orch8.api.node import NodeView
-from orch8.metrics import metrics_route
 from orch8.ui.routes import routes as ui_routes
 
 

@@ -1,13 +1,9 @@
-"""`LimitWatch`: a worker's view of the limits, kept current in the background.
+"""`LimitWatch`: a worker's view of the rate limits, kept current in the background.
 
-It also stamps the real start of each admitted call (`stamper`). Two jobs run at one
-pace (every `interval_s`):
-- re-read which handlers have a rate limit, so that a step whose handler has none pays
-  no query at all (the executor asks `applies()`, a set lookup);
-- run the concurrency-slot backstop (`concurrency.wake_stranded`) for the rare wake-up
-  the triggers could not deliver.
-
-A limit set or deleted therefore takes effect within `interval_s` on every node.
+Every `interval_s` it re-reads which handlers have a rate limit, so that a step whose
+handler has none pays no query at all (the executor asks `applies()`, a set lookup); a
+limit set or deleted therefore takes effect within `interval_s` on every node. It also
+stamps the real start of each admitted call (`stamper`).
 """
 
 from __future__ import annotations
@@ -19,7 +15,7 @@ from collections.abc import Callable
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from orch8.store import concurrency, rate_limits
+from orch8.store import rate_limits
 
 log = logging.getLogger("orch8.engine.limits")
 
@@ -58,12 +54,9 @@ class LimitWatch:
             log.warning("could not stamp the start of a %s call (%s)", handler, error)
 
     async def run_once(self) -> None:
-        """Refresh the limited handlers and wake stranded slot waiters, once."""
+        """Refresh the limited handlers, once."""
         async with self._pool.connection() as conn:
             self._limited = await rate_limits.limited_handlers().run_async(conn)
-            woken = await concurrency.wake_stranded().run_async(conn)
-        if woken:
-            log.info("woke waiters of %d concurrency keys with a free slot", woken)
 
     async def run(self, stop: asyncio.Event) -> None:
         """`run_once` every `interval_s` until `stop`; a database error waits a round."""

@@ -5,7 +5,7 @@ directory (prometheus_client's multiprocess mode: a memory-mapped file per proce
 `PROMETHEUS_MULTIPROC_DIR` names one. The mapped page belongs to the kernel's page cache,
 not to the process, so a worker killed with SIGKILL loses no count it made, and a report it
 never got to send loses nothing either. The supervisor sums every file, of live and dead
-processes alike, at each scrape (`orch8.metrics`). The cost of a count is one more store
+processes alike, at each scrape (`orch8.api.metrics`). The cost of a count is one more store
 into the mapping: no object per instance, no system call.
 
 Histogram samples (step durations, claim lateness) still travel in the reports: they are
@@ -35,8 +35,8 @@ COUNTER_METRICS = {
                  "or the supervisor releasing a dead worker's or a previous incarnation's)."),
     "fenced_rejected": ("orch8_fenced_writes_rejected",
                         "Writes refused because the claim had moved on (epoch fence)."),
-    "rate_limited": ("orch8_rate_limited", "Steps deferred because their handler's rate "
-                     "limit had no free call slot."),
+    "rate_limited": ("orch8_steps_rate_limited", "Steps put back because their handler's "
+                     "rate limit had no free call slot (not an attempt)."),
     # Counted by the supervisor.
     "worker_deaths": ("orch8_worker_deaths",
                       "Worker processes that ended unasked (crashed, killed, or exited)."),

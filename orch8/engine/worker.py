@@ -34,6 +34,7 @@ from orch8.events import wait_any
 from orch8.handlers.registry import Registry, default_registry
 from orch8.store import claims
 from orch8.store.claims import Claimed, Owner
+from orch8.store.concurrency import SlotBackstop
 
 log = logging.getLogger("orch8.engine.worker")
 
@@ -107,6 +108,7 @@ class Worker:
             asyncio.create_task(committer.run(), name="committer"),
             asyncio.create_task(self._listen(stop), name="listen"),
             asyncio.create_task(limits.run(stop), name="limits"),
+            asyncio.create_task(SlotBackstop(pool).run(stop), name="slot-backstop"),
         ]
         try:
             await self._claim_loop(pool, executor, stop)

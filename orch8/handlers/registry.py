@@ -100,8 +100,6 @@ def load_modules(modules: tuple[str, ...] | list[str]) -> None:
     A module that fails to import is a configuration error with a one-line message, so
     the node stops at boot instead of failing every step that needs it.
     """
-    import orch8.handlers.builtin  # noqa: F401  (registers noop, log, sleep, fail)
-
     if modules:
         _importable_from_working_directory()
     for module in modules:

@@ -3,15 +3,25 @@
 The claim (`claims.CLAIM`) seats keyed instances into their key's slots and parks those a
 full key cannot take; the triggers of migration 002 free a slot whenever an instance
 leaves `running` and wake that key's next waiter. This module holds what else touches
-the slots.
+the slots: `key_usage`, and `SlotBackstop`, each worker's periodic `wake_stranded`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+
 from orch8.store.query import Query, Row
+
+log = logging.getLogger("orch8.store.concurrency")
+
+# Lost wake-ups are rare (see WAKE_STRANDED); finding them within a few seconds is enough.
+BACKSTOP_INTERVAL_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -109,3 +119,32 @@ WHERE slot IS NOT NULL
 def wake_stranded(limit: int = 1000) -> Query[int]:
     """Wake one waiter of every key (up to `limit` keys) that has a free slot; how many."""
     return Query(WAKE_STRANDED, {"limit": limit}, lambda rows: int(rows[0]["keys"]))
+
+
+class SlotBackstop:
+    """Runs `wake_stranded` every `interval_s`: the slots' backstop for lost wake-ups."""
+
+    def __init__(self, pool: AsyncConnectionPool,
+                 interval_s: float = BACKSTOP_INTERVAL_S) -> None:
+        self._pool = pool
+        self._interval_s = interval_s
+
+    async def run_once(self) -> int:
+        """Wake the waiters of keys with a free slot, once; how many keys."""
+        async with self._pool.connection() as conn:
+            woken = await wake_stranded().run_async(conn)
+        if woken:
+            log.info("woke waiters of %d concurrency keys with a free slot", woken)
+        return woken
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """`run_once` every `interval_s` until `stop`; a database error waits a round."""
+        while not stop.is_set():
+            try:
+                await self.run_once()
+            except (psycopg.OperationalError, OSError) as error:
+                log.warning("concurrency backstop failed (%s); trying next round", error)
+            try:
+                await asyncio.wait_for(stop.wait(), self._interval_s)
+            except TimeoutError:
+                pass

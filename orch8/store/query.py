@@ -48,11 +48,3 @@ def _translate(error: psycopg.errors.IntegrityError) -> Exception:
     if isinstance(error, psycopg.errors.UniqueViolation):
         return Conflict(f"conflicts with an existing row ({constraint})")
     return DefinitionError(constraint, "violates a database constraint")
-
-
-def first_or_none(rows: list[Row]) -> Row | None:
-    return rows[0] if rows else None
-
-
-def all_rows(rows: list[Row]) -> list[Row]:
-    return rows

@@ -78,13 +78,3 @@ ORDER BY name, version DESC
 def list_sequences() -> Query[list[Sequence]]:
     """The latest version of every sequence, by name."""
     return Query(LIST_LATEST, {}, lambda rows: [_sequence(row) for row in rows])
-
-
-LIST_VERSIONS = """
-SELECT name, version, steps, created_at FROM sequences WHERE name = %(name)s ORDER BY version
-"""
-
-
-def list_versions(name: str) -> Query[list[Sequence]]:
-    """Every version of one sequence, oldest first."""
-    return Query(LIST_VERSIONS, {"name": name}, lambda rows: [_sequence(row) for row in rows])
