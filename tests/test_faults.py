@@ -250,7 +250,7 @@ def test_second_signal_stops_a_drain_now(runs: Any) -> None:
     run: FaultRun = runs(ORCH8_DRAIN_TIMEOUT_SECS="60")
     a = run.start("a")
     run.start("b", ORCH8_WORKERS="1")
-    long_steps(run, 2, 30_000)
+    long_steps(run, 2, 10_000)
     wait_until(lambda: started(run, 2), 30, "the long steps to start")
 
     def twice() -> None:
@@ -354,7 +354,7 @@ def test_poison_instance_reaches_the_dead_letter(runs: Any) -> None:
     poison = run.submit([{"sequence": "poison"}])[0]
     with Load(run, "pair", 20):
         wait_until(lambda: query(run.dsn, "SELECT state FROM instances WHERE id = %(id)s",
-                                 {"id": poison}) == [("failed",)], 90,
+                                 {"id": poison}) == [("failed",)], 60,
                    "the poison instance to reach the dead letter")
     killers = {e["pid"] for e in run.entries() if e["instance"] == str(poison)}
     run.note("poison", a, killers)
@@ -372,11 +372,11 @@ def test_poison_instance_reaches_the_dead_letter(runs: Any) -> None:
 
 def test_keys_and_rate_limits_while_a_node_dies(runs: Any) -> None:
     run: FaultRun = runs(ORCH8_MAX_IN_FLIGHT="10")
-    a, b = run.start("a"), run.start("b")
-    with Client(run.dsn) as client:
+    with Client(run.dsn) as client:  # before the nodes start, so every worker knows it
         client.create_sequence("keyed", [{"id": "a", "handler": "ledger", "params": {"ms": 300}}])
         client.create_sequence("limited", [{"id": "a", "handler": "ledger_limited"}])
         client.set_rate_limit("ledger_limited", 5, 1000)
+    a, b = run.start("a"), run.start("b")
     keyed = run.submit([{"sequence": "keyed", "concurrency_key": "k", "max_concurrency": 2}]
                        * 30)
     limited = run.submit([{"sequence": "limited"}] * 20)
