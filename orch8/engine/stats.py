@@ -1,12 +1,16 @@
 """Counters a process keeps: a worker's, reported to its supervisor, and the supervisor's own.
 
 Each count is also written, as it happens, to this process's file in the node's metrics
-directory (prometheus_client's multiprocess mode: a memory-mapped file per process) when
-`PROMETHEUS_MULTIPROC_DIR` names one. The mapped page belongs to the kernel's page cache,
-not to the process, so a worker killed with SIGKILL loses no count it made, and a report it
-never got to send loses nothing either. The supervisor sums every file, of live and dead
-processes alike, at each scrape (`orch8.api.metrics`). The cost of a count is one more store
-into the mapping: no object per instance, no system call.
+directory when `PROMETHEUS_MULTIPROC_DIR` names one. The file is in prometheus_client's
+multiprocess format, so its `MultiProcessCollector` sums the files of every process, live
+and dead, at each scrape (`orch8.api.metrics`). It is a shared memory mapping: the counts
+belong to the kernel's page cache, not to the process, so a worker killed with SIGKILL
+loses no count it made, including those its last, never sent, report would have carried.
+
+prometheus_client's own value class would cost a lock, a getpid() system call and a struct
+pack per increment (about 15 times a dict increment); here a count is one store of a
+double into the mapping, at a place found once when the file is made. The event-loop
+thread is the only one that counts (handler threads never do), so no lock is needed.
 
 Histogram samples (step durations, claim lateness) still travel in the reports: they are
 observations, not counts, and losing the last half second of them to a SIGKILL is accepted.
@@ -14,11 +18,12 @@ observations, not counts, and losing the last half second of them to a SIGKILL i
 
 from __future__ import annotations
 
+import mmap
 import os
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
-from prometheus_client.values import MultiProcessValue
+from prometheus_client.mmap_dict import MmapedDict, mmap_key
 
 METRICS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -46,8 +51,26 @@ COUNTER_METRICS = {
 COUNTERS = tuple(COUNTER_METRICS)
 
 
-class _Value(Protocol):
-    def inc(self, amount: float) -> None: ...
+class CountFile:
+    """This process's counts, one double each in a file of the metrics directory."""
+
+    def __init__(self, directory: str) -> None:
+        path = os.path.join(directory, f"counter_{os.getpid()}.db")
+        keys = {name: mmap_key(metric, f"{metric}_total", [], [], text)
+                for name, (metric, text) in COUNTER_METRICS.items()}
+        # Made whole under another name, then renamed: a scrape never sees half a file.
+        making: Any = MmapedDict(f"{path}.new")  # type: ignore[no-untyped-call]
+        for key in keys.values():
+            making.write_value(key, 0.0, 0.0)
+        making.close()
+        os.rename(f"{path}.new", path)
+        written: Any = MmapedDict.read_all_values_from_file
+        places = {key: place for key, _, _, place in written(path)}
+        with open(path, "r+b") as file:
+            self._mapping = mmap.mmap(file.fileno(), 0)
+        self.cells = memoryview(self._mapping).cast("d")
+        # Entries are 8-byte aligned, so each value is one cell of the double view.
+        self.cell_of = {name: places[key] // 8 for name, key in keys.items()}
 
 
 @dataclass
@@ -57,13 +80,13 @@ class WorkerStats:
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
     step_seconds: list[float] = field(default_factory=list)
     claim_lateness_seconds: list[float] = field(default_factory=list)
-    # The same counts in this process's metrics file; empty when there is no directory.
-    durable: dict[str, _Value] = field(default_factory=dict)
+    # The same counts in this process's metrics file, if the node has a metrics directory.
+    file: CountFile | None = None
 
     def add(self, counter: str, amount: int = 1) -> None:
         self.counts[counter] += amount
-        if self.durable and amount:
-            self.durable[counter].inc(amount)
+        if self.file is not None:
+            self.file.cells[self.file.cell_of[counter]] += amount
 
     def take_observations(self) -> tuple[list[float], list[float]]:
         """Hand over (and forget) the histogram samples gathered since the last call."""
@@ -77,11 +100,5 @@ def process_stats() -> WorkerStats:
 
     Call it in the process that counts (after the fork): the file is named by its pid.
     """
-    if not os.environ.get(METRICS_DIR_VARIABLE):
-        return WorkerStats()
-    value_class: Any = MultiProcessValue()  # type: ignore[no-untyped-call]
-    durable = {
-        name: value_class("counter", metric, f"{metric}_total", (), (), text)
-        for name, (metric, text) in COUNTER_METRICS.items()
-    }
-    return WorkerStats(durable=durable)
+    directory = os.environ.get(METRICS_DIR_VARIABLE)
+    return WorkerStats(file=CountFile(directory) if directory else None)
