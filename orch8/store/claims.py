@@ -60,12 +60,21 @@ class Owner:
 # wait for this claim to commit before it frees its slot, and its wake-up sees the parked
 # rows. A key with a slot row locked elsewhere is not parked this time (tried next claim).
 # Nothing here ever waits: instance rows and slot rows are all taken with SKIP LOCKED.
+#
+# The candidates are read from `instances_claim_order` in its order. `priority = ANY
+# (every priority)` is always true (the column's CHECK) but lets the index find the due
+# rows of each priority with one bounded search: without it, `next_fire_at <= now()` is a
+# condition on the index's second column, and servers before PostgreSQL 18 (no skip scan)
+# walk every row scheduled for later, of every priority, on every claim that finds fewer
+# due rows than its batch. Migration 003 leaves this index the only one that can serve
+# `state = 'scheduled'`, so the plan holds when the statistics say the table is empty.
 CLAIM = """
 WITH candidate AS MATERIALIZED (
     SELECT id, concurrency_key AS key, coalesce(max_concurrency, 1) AS cap, priority,
         next_fire_at
     FROM instances
     WHERE state = 'scheduled' AND NOT waiting_for_slot AND next_fire_at <= now()
+      AND priority = ANY ('{3,2,1,0}'::smallint[])
     ORDER BY priority DESC, next_fire_at
     LIMIT %(limit)s
     -- SKIP LOCKED: never wait on a row another worker is claiming; take the next one.
@@ -205,6 +214,10 @@ class StepDone:
 
 # Group commit: many instances' step outcomes in one statement. The UPDATE is the fence
 # (epoch and state must still match); only rows it updated get their output inserted.
+# The state test is written `IS TRUE` so that no index on `state` can serve it (the
+# partial index of running claims would match a plain `state = 'running'`): rows are
+# found by id through the primary key only, however many run elsewhere and whatever the
+# statistics say (stale ones once made this read every running row per batch).
 # The batch travels as one JSON document: encoding it with orjson costs far less than
 # adapting seven parameter arrays element by element.
 FINISH_STEPS = """
@@ -218,7 +231,7 @@ WITH done AS (
         state = CASE WHEN d.last THEN 'completed' ELSE 'running' END,
         finished_at = CASE WHEN d.last THEN now() END
     FROM done d
-    WHERE i.id = d.id AND i.claim_epoch = d.epoch AND i.state = 'running'
+    WHERE i.id = d.id AND i.claim_epoch = d.epoch AND (i.state = 'running') IS TRUE
     RETURNING i.id
 ), recorded AS (
     INSERT INTO step_outputs (instance_id, step_id, output, attempt)
