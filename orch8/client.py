@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from orch8.database import resolve_dsn
+from orch8.database import check_server_version, resolve_dsn
 from orch8.errors import DefinitionError
 from orch8.migrate import migrate
 from orch8.model import TERMINAL_STATES, State, parse_name, parse_steps
@@ -47,6 +47,12 @@ class Client:
             dsn, min_size=1, max_size=4, kwargs={"autocommit": True}, open=True,
             name="orch8-client",
         )
+        try:
+            with self._pool.connection() as conn:
+                check_server_version(conn)
+        except BaseException:
+            self._pool.close()
+            raise
 
     @property
     def dsn(self) -> str:

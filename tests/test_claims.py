@@ -98,25 +98,6 @@ def test_release_of_one_worker_slot_leaves_the_others(client, dsn, conn):
         [(0, "running"), (0, "running"), (None, "scheduled"), (None, "scheduled")], key=str)
 
 
-def test_the_claim_reads_its_index(client, conn):
-    # Enough rows, with statistics, that a sequential scan would be the planner's choice
-    # if the index did not serve both the filter and the order.
-    conn.execute("""
-        INSERT INTO instances (id, sequence_name, sequence_version, state, priority, next_fire_at)
-        SELECT gen_random_uuid(), 's', 1,
-               (ARRAY['scheduled','completed','completed','completed'])[1 + g % 4],
-               g % 4, now() - (g || ' seconds')::interval
-        FROM generate_series(1, 20000) AS g""")
-    conn.execute("ANALYZE instances")
-    plan = conn.execute(
-        "EXPLAIN (FORMAT JSON) " + claims.CLAIM,
-        {"node_id": "n", "incarnation": uuid.uuid4(), "slot": 0, "limit": 50},
-    ).fetchone()[0]
-    text = str(plan)
-    assert "instances_claim_order" in text, text
-    assert "Seq Scan" not in text, text
-
-
 @settings(max_examples=15, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(

@@ -216,37 +216,6 @@ async def backstop_once(dsn):
         return await concurrency.SlotBackstop(pool).run_once()
 
 
-def test_the_claim_reads_its_index_with_keys_and_waiters_present(client, conn):
-    conn.execute("""
-        INSERT INTO instances (id, sequence_name, sequence_version, state, priority,
-                               next_fire_at, concurrency_key, max_concurrency)
-        SELECT gen_random_uuid(), 's', 1,
-               (ARRAY['scheduled','completed','completed','completed'])[1 + g % 4],
-               g % 4, now() - (g || ' seconds')::interval,
-               CASE WHEN g % 3 = 0 THEN 'key-' || (g % 50) END,
-               CASE WHEN g % 3 = 0 THEN 2 END
-        FROM generate_series(1, 20000) AS g""")
-    conn.execute("UPDATE instances SET waiting_for_slot = true "
-                 "WHERE concurrency_key IS NOT NULL AND state = 'scheduled'")
-    conn.execute("ANALYZE")
-    plan = conn.execute(
-        "EXPLAIN (FORMAT JSON) " + claims.CLAIM,
-        {"node_id": "n", "incarnation": uuid.uuid4(), "slot": 0, "limit": 50},
-    ).fetchone()[0]
-    text = str(plan)
-    assert "instances_claim_order" in text, text
-    # `concurrency_slots` here is a few pages: a sequential scan of it is fine. The
-    # instance table never is.
-    assert "instances" not in seq_scanned(plan[0]["Plan"]), text
-
-
-def seq_scanned(node: dict[str, Any]) -> set[str]:
-    found = {node["Relation Name"]} if node["Node Type"] == "Seq Scan" else set()
-    for child in node.get("Plans", []):
-        found |= seq_scanned(child)
-    return found
-
-
 def test_queue_depth_counts_instances_waiting_for_a_slot(client, dsn, conn):
     start(client, "k", 1, count=5, priority="high")
     start(client, None, None, count=2)

@@ -8,6 +8,10 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
+
+from orch8.database import MINIMUM_SERVER_VERSION, check_server_version
+from orch8.errors import ConfigError
 
 SCRIPT = """
 import sys, time, psycopg
@@ -46,3 +50,19 @@ def test_second_process_reuses_the_embedded_server_and_the_last_one_stops_it(tmp
         for process in (first, second):
             if process.poll() is None:
                 process.kill()
+
+
+def test_the_test_server_is_a_supported_version(conn):
+    assert conn.info.server_version >= MINIMUM_SERVER_VERSION
+    check_server_version(conn)
+
+
+def test_an_older_server_is_refused_with_one_line_naming_both_versions(conn):
+    # The real check on the real server, with the minimum raised above it.
+    above = conn.info.server_version + 10000
+    with pytest.raises(ConfigError) as refused:
+        check_server_version(conn, minimum=above)
+    message = str(refused.value)
+    assert "\n" not in message
+    assert message.endswith(f"orch8 needs PostgreSQL {above // 10000} or newer")
+    assert f"PostgreSQL {conn.info.server_version // 10000}." in message

@@ -61,6 +61,14 @@ class Owner:
 # rows. A key with a slot row locked elsewhere is not parked this time (tried next claim).
 # Nothing here waits on instances: their rows and slot rows are all taken with SKIP LOCKED.
 #
+# The candidates are read from `instances_claim_order` in its order. `priority = ANY
+# (every priority)` is always true (the column's CHECK) but lets the index find the due
+# rows of each priority with one bounded search: without it, `next_fire_at <= now()` is a
+# condition on the index's second column, and servers before PostgreSQL 18 (no skip scan)
+# walk every row scheduled for later, of every priority, on every claim that finds fewer
+# due rows than its batch. Migration 003 leaves this index the only one that can serve
+# `state = 'scheduled'`, so the plan holds when the statistics say the table is empty.
+#
 # `replaced` (see CLAIMER_REPLACED) is the one wait: on a registration of this node id in
 # flight. It stops an incarnation that is no longer the registered one from claiming.
 CLAIMER_REPLACED = """
@@ -81,6 +89,7 @@ WITH {CLAIMER_REPLACED}, candidate AS MATERIALIZED (
     FROM instances
     WHERE state = 'scheduled' AND NOT waiting_for_slot AND next_fire_at <= now()
       AND NOT EXISTS (SELECT 1 FROM replaced)
+      AND priority = ANY ('{{3,2,1,0}}'::smallint[])
     ORDER BY priority DESC, next_fire_at
     LIMIT %(limit)s
     -- SKIP LOCKED: never wait on a row another worker is claiming; take the next one.
@@ -220,6 +229,10 @@ class StepDone:
 
 # Group commit: many instances' step outcomes in one statement. The UPDATE is the fence
 # (epoch and state must still match); only rows it updated get their output inserted.
+# The state test is written `IS TRUE` so that no index on `state` can serve it (the
+# partial index of running claims would match a plain `state = 'running'`): rows are
+# found by id through the primary key only, however many run elsewhere and whatever the
+# statistics say (stale ones once made this read every running row per batch).
 # The batch travels as one JSON document: encoding it with orjson costs far less than
 # adapting seven parameter arrays element by element.
 FINISH_STEPS = """
@@ -234,7 +247,7 @@ WITH done AS (
         finished_at = CASE WHEN d.last THEN now() END
     FROM done d
     -- The step index too: a write retried after its reply was lost must not apply twice.
-    WHERE i.id = d.id AND i.claim_epoch = d.epoch AND i.state = 'running'
+    WHERE i.id = d.id AND i.claim_epoch = d.epoch AND (i.state = 'running') IS TRUE
       AND i.step_index = d.next_index - 1
     RETURNING i.id
 ), recorded AS (

@@ -177,9 +177,10 @@ def get_instance(instance_id: uuid.UUID) -> Query[Instance]:
 
 
 # Keyset pagination, newest first: ids are UUIDv7, so id order is creation order.
+# `COLLATE "C"` is what lets the state filter use `instances_by_state` (migration 003).
 LIST = f"""
 SELECT {COLUMNS} FROM instances
-WHERE (%(state)s::text IS NULL OR state = %(state)s::text)
+WHERE (%(state)s::text IS NULL OR state COLLATE "C" = %(state)s::text)
   AND (%(sequence)s::text IS NULL OR sequence_name = %(sequence)s::text)
   AND (%(concurrency_key)s::text IS NULL OR concurrency_key = %(concurrency_key)s::text)
   AND (%(before)s::uuid IS NULL OR id < %(before)s::uuid)
@@ -261,10 +262,14 @@ def retry_instance(instance_id: uuid.UUID) -> Query[None]:
 
 # Reads only the claim index and the slot-waiter index (scheduled rows), so it stays
 # cheap on a large history. Instances waiting for a concurrency slot count as due.
+# `priority = ANY (every priority)` is always true (the column's CHECK); it turns the
+# claim index walk into one bounded range per priority (see `CLAIM`), so rows scheduled
+# for later cost nothing here, whatever their priority and the server version.
 QUEUE_DEPTH = """
 SELECT priority, count(*) AS due FROM (
     SELECT priority FROM instances
     WHERE state = 'scheduled' AND NOT waiting_for_slot AND next_fire_at <= now()
+      AND priority = ANY ('{3,2,1,0}'::smallint[])
     UNION ALL
     SELECT priority FROM instances WHERE state = 'scheduled' AND waiting_for_slot
 ) due

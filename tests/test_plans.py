@@ -1,0 +1,245 @@
+"""The hot statements keep their plan and their cost, whatever else the table holds.
+
+A queue's table swings from empty to millions of rows in minutes, so the statistics the
+planner sees are often stale: analyzed empty, or full of finished history. The claim, the
+finish and the queue depth (`GET /queue`, the queue-depth gauge) must still read only
+what they return, and rows scheduled for later (at any priority) must cost them nothing,
+on every supported server version (PostgreSQL 18 hides some of this with skip scans;
+15 does not).
+
+The plans are those of the engine's own calls (`auto_explain` reports each statement's
+`EXPLAIN (ANALYZE, BUFFERS)` back to the session as a notice), so these tests hold
+whatever the statements' text becomes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.conninfo import make_conninfo
+
+from orch8.store import claims
+from orch8.store.claims import Owner, StepDone
+from orch8.store.instances import queue_depth
+
+FUTURE_ROWS = 100_000
+# Extra buffers allowed with the future rows present. A deeper index costs a page more per
+# descent (a claim descends its index once per priority, and each row it writes updates
+# half a dozen indexes); walking the future rows would cost a page per ~300 of them.
+SMALL = 150
+
+# How the claim may reach instances: candidates from the claim index in its order (never
+# a sort of every due row), the rows it writes by id, a full key's backlog by key.
+CLAIM_READS = {"Index Scan on instances_claim_order", "Index Scan on instances_pkey",
+               "Index Scan on instances_ready_by_key",
+               "Bitmap Index Scan on instances_ready_by_key"}
+
+# Statistics the planner may see when the work arrives.
+STATISTICS = ["analyzed empty", "analyzed full of history", "fresh"]
+
+
+def explaining(dsn: str) -> str:
+    """`dsn` with every top-level statement's analyzed plan sent back as a notice."""
+    settings = {"session_preload_libraries": "auto_explain",
+                "auto_explain.log_min_duration": "0", "auto_explain.log_analyze": "on",
+                "auto_explain.log_buffers": "on", "auto_explain.log_timing": "off",
+                "auto_explain.log_format": "json", "auto_explain.log_level": "notice"}
+    return make_conninfo(dsn, options=" ".join(f"-c {k}={v}" for k, v in settings.items()))
+
+
+class Plans(list[dict[str, Any]]):
+    """The plans of the statements run while it listens, as `auto_explain` gives them."""
+
+    def hear(self, diagnostic: psycopg.errors.Diagnostic) -> None:
+        text = diagnostic.message_primary or ""
+        if "plan:" in text:
+            self.append(json.loads(text.split("plan:", 1)[1])["Plan"])
+
+    def buffers(self) -> int:
+        return sum(plan.get("Shared Hit Blocks", 0) + plan.get("Shared Read Blocks", 0)
+                   for plan in self)
+
+    def instance_reads(self) -> set[str]:
+        """How each statement reached `instances`: 'Index Scan on <index>', 'Seq Scan'..."""
+        return {read for plan in self for read in _reads(plan)}
+
+
+def _reads(node: dict[str, Any]) -> Iterator[str]:
+    # A bitmap heap scan is named by its bitmap index scans (its children).
+    kind = node["Node Type"]
+    if kind == "Seq Scan" and node["Relation Name"] == "instances":
+        yield kind
+    elif kind.endswith("Index Scan") and node["Index Name"].startswith("instances_"):
+        yield f"{kind} on {node['Index Name']}"
+    for child in node.get("Plans", []):
+        yield from _reads(child)
+
+
+@pytest.fixture
+def conn(dsn: str) -> Iterator[psycopg.Connection[Any]]:
+    with psycopg.connect(dsn, autocommit=True) as connection:
+        connection.execute("INSERT INTO sequences (name, version, steps) "
+                           "VALUES ('s', 1, '[{\"id\": \"only\", \"handler\": \"noop\"}]')")
+        yield connection
+
+
+def add(conn: psycopg.Connection[Any], count: int, *, state: str = "scheduled",
+        due: bool = True, every_priority: bool = False) -> None:
+    """`count` instances, due or three hours ahead, `normal` or of every priority."""
+    conn.execute("""
+        INSERT INTO instances (id, sequence_name, sequence_version, state, priority,
+                               next_fire_at)
+        SELECT gen_random_uuid(), 's', 1, %(state)s,
+               CASE WHEN %(every_priority)s THEN g %% 4 ELSE 1 END,
+               CASE WHEN %(due)s THEN now() - interval '1 second' - g * interval '1 ms'
+                    ELSE now() + interval '3 hours' + g * interval '1 ms' END
+        FROM generate_series(1, %(count)s) AS g""",
+                 {"state": state, "due": due, "every_priority": every_priority, "count": count})
+
+
+def add_future_rows(conn: psycopg.Connection[Any]) -> None:
+    """Rows scheduled three hours ahead, at every priority."""
+    add(conn, FUTURE_ROWS, due=False, every_priority=True)
+
+
+def prepare(conn: psycopg.Connection[Any], statistics: str) -> None:
+    """The statistics the planner will see once the work arrives (see STATISTICS)."""
+    if statistics == "analyzed full of history":
+        add(conn, FUTURE_ROWS, state="completed", every_priority=True)
+    if statistics != "fresh":
+        conn.execute("ANALYZE instances")
+
+
+def claim(dsn: str, limit: int = 50) -> tuple[list[claims.Claimed], Plans]:
+    async def run() -> tuple[list[claims.Claimed], Plans]:
+        plans = Plans()
+        async with await psycopg.AsyncConnection.connect(explaining(dsn),
+                                                         autocommit=True) as aconn:
+            aconn.add_notice_handler(plans.hear)
+            taken = await claims.claim(aconn, Owner("n", uuid.uuid4(), 0), limit)
+        return taken, plans
+
+    return asyncio.run(run())
+
+
+def finish(dsn: str, ids: list[uuid.UUID]) -> Plans:
+    """Complete the (one-step, running at epoch 1) instances `ids` as the engine does."""
+    done = [StepDone(id=i, epoch=1, step_id="only", attempt=0, output_json="{}",
+                     next_index=1, last=True) for i in ids]
+
+    async def run() -> Plans:
+        plans = Plans()
+        async with await psycopg.AsyncConnection.connect(explaining(dsn),
+                                                         autocommit=True) as aconn:
+            aconn.add_notice_handler(plans.hear)
+            assert await claims.finish_steps(aconn, done) == set(ids)
+        return plans
+
+    return asyncio.run(run())
+
+
+def depth(dsn: str) -> tuple[dict[str, int], Plans]:
+    plans = Plans()
+    with psycopg.connect(explaining(dsn), autocommit=True) as listening:
+        listening.add_notice_handler(plans.hear)
+        return queue_depth().run(listening), plans
+
+
+def test_a_claim_costs_the_same_with_rows_scheduled_for_later(dsn, conn):
+    # Fewer due rows than a batch: the claim must not walk on past them.
+    add(conn, 5)
+    taken, plans = claim(dsn)
+    alone = plans.buffers()
+    add(conn, 5)
+    add_future_rows(conn)
+    conn.execute("ANALYZE instances")
+    taken_later, plans = claim(dsn)
+    assert (len(taken), len(taken_later)) == (5, 5)
+    assert plans.buffers() <= alone + SMALL, (alone, plans.buffers())
+
+
+def test_queue_depth_costs_the_same_with_rows_scheduled_for_later(dsn, conn):
+    add(conn, 5)
+    _, plans = depth(dsn)
+    alone = plans.buffers()
+    add_future_rows(conn)
+    conn.execute("ANALYZE instances")
+    seen, plans = depth(dsn)
+    assert seen["normal"] == 5 and seen["total"] == 5
+    assert plans.buffers() <= alone + SMALL // 4, (alone, plans.buffers())
+
+
+@pytest.mark.parametrize("statistics", STATISTICS)
+def test_the_claim_reads_its_index_whatever_the_statistics(dsn, conn, statistics):
+    prepare(conn, statistics)
+    add(conn, 20_000, every_priority=True)
+    taken, plans = claim(dsn)
+    assert len(taken) == 50
+    assert plans.instance_reads() <= CLAIM_READS, plans.instance_reads()
+    assert "Index Scan on instances_claim_order" in plans.instance_reads()
+
+
+def test_the_claim_reads_its_index_with_keys_and_waiters_present(dsn, conn):
+    conn.execute("""
+        INSERT INTO instances (id, sequence_name, sequence_version, state, priority,
+                               next_fire_at, concurrency_key, max_concurrency)
+        SELECT gen_random_uuid(), 's', 1,
+               (ARRAY['scheduled','completed','completed','completed'])[1 + g % 4],
+               g % 4, now() - (g || ' seconds')::interval,
+               CASE WHEN g % 3 = 0 THEN 'key-' || (g % 50) END,
+               CASE WHEN g % 3 = 0 THEN 2 END
+        FROM generate_series(1, 20000) AS g""")
+    conn.execute("UPDATE instances SET waiting_for_slot = true "
+                 "WHERE concurrency_key IS NOT NULL AND state = 'scheduled'")
+    conn.execute("ANALYZE")
+    taken, plans = claim(dsn)
+    assert len(taken) == 50
+    assert "Index Scan on instances_claim_order" in plans.instance_reads()
+    assert plans.instance_reads() <= CLAIM_READS, plans.instance_reads()
+
+
+@pytest.mark.parametrize("statistics", STATISTICS)
+def test_queue_depth_reads_only_the_queue_whatever_the_statistics(dsn, conn, statistics):
+    prepare(conn, statistics)
+    add(conn, 2_000)
+    add_future_rows(conn)
+    conn.execute("UPDATE instances SET waiting_for_slot = true WHERE id IN ("
+                 "SELECT id FROM instances WHERE state = 'scheduled' LIMIT 3)")
+    seen, plans = depth(dsn)
+    assert seen["total"] >= 2_000
+    # Due rows through the claim index, slot waiters through theirs; never the table.
+    assert all(read.endswith(("instances_claim_order", "instances_slot_waiters"))
+               for read in plans.instance_reads()), plans.instance_reads()
+
+
+def running(conn: psycopg.Connection[Any], count: int) -> list[uuid.UUID]:
+    """`count` instances running at epoch 1 (claimed by someone)."""
+    rows = conn.execute("""
+        INSERT INTO instances (id, sequence_name, sequence_version, state, claim_epoch,
+                               claimed_by, claim_incarnation, claimed_slot)
+        SELECT gen_random_uuid(), 's', 1, 'running', 1, 'other', gen_random_uuid(), 0
+        FROM generate_series(1, %(count)s)
+        RETURNING id""", {"count": count}).fetchall()
+    return [row[0] for row in rows]
+
+
+@pytest.mark.parametrize("statistics", STATISTICS)
+def test_the_finish_costs_the_same_with_work_running_elsewhere(dsn, conn, statistics):
+    prepare(conn, statistics)
+    # A few rows, as in the claim test: each row written costs a page per index level,
+    # and the levels grow (slowly) with the table.
+    alone = finish(dsn, running(conn, 5)).buffers()
+    running(conn, 10_000)
+    add_future_rows(conn)
+    if statistics == "fresh":
+        conn.execute("ANALYZE instances")
+    plans = finish(dsn, running(conn, 5))
+    # Each finished row is found by its id, never by scanning what runs elsewhere.
+    assert plans.instance_reads() == {"Index Scan on instances_pkey"}, plans.instance_reads()
+    assert plans.buffers() <= alone + SMALL, (alone, plans.buffers())
