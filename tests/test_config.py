@@ -37,10 +37,25 @@ def test_values_are_parsed_with_units():
     ({"ORCH8_NODE_ID": "has space"}, "ORCH8_NODE_ID"),
     ({"ORCH8_INSECURE": "maybe"}, "ORCH8_INSECURE"),
     ({"ORCH8_LOG_LEVEL": "chatty"}, "ORCH8_LOG_LEVEL"),
+    ({"ORCH8_BATCH_SIZE": "500", "ORCH8_MAX_IN_FLIGHT": "100"},
+     r"ORCH8_BATCH_SIZE \(500\) is larger than ORCH8_MAX_IN_FLIGHT \(100\)"),
 ])
 def test_bad_values_name_the_variable(environ, named):
     with pytest.raises(ConfigError, match=named):
         Settings.from_environ(environ)
+
+
+def test_a_batch_as_large_as_in_flight_is_honoured():
+    settings = Settings.from_environ({"ORCH8_BATCH_SIZE": "500", "ORCH8_MAX_IN_FLIGHT": "500"})
+    assert (settings.batch_size, settings.max_in_flight) == (500, 500)
+
+
+def test_the_max_in_flight_flag_overrides_the_environment():
+    from supervisor.main import settings_from
+
+    settings = settings_from(["--batch-size", "400", "--max-in-flight", "800"],
+                             {"ORCH8_MAX_IN_FLIGHT": "100"})
+    assert (settings.batch_size, settings.max_in_flight) == (400, 800)
 
 
 def test_secrets_never_show_in_the_settings_repr():
