@@ -8,24 +8,41 @@ figure, settings, machine), `.md` (the tables) and `-<plot>.png`.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import NoReturn
 
 import orjson
+import psycopg
 
 from bench import report
 from bench.cases import Context
+from bench.runs import Run
 from bench.scenarios import SCENARIOS
 from bench.server import Server
+from orch8.database import redact
+from orch8.errors import ConfigError
 
 ORDER = tuple(SCENARIOS)
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        _fail(message, 2)
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    """One line on stderr, never a traceback (the DSN's password hidden)."""
+    print(f"python -m bench: {redact(' '.join(message.split()))}", file=sys.stderr)
+    sys.exit(code)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m bench", description="Measure orch8 against a raw SQL loop and "
         "pgqueuer on a real PostgreSQL (DATABASE_URL, else an embedded server).")
     parser.add_argument("scenario", choices=(*ORDER, "all"))
@@ -42,25 +59,40 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.reps is not None and args.reps < 1:
+        _fail("--reps must be at least 1", 2)
+    # SIGTERM unwinds like Ctrl-C, so that the nodes and databases of the run are stopped
+    # and dropped on the way out rather than left behind.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        return _run(args, argv)
+    except KeyboardInterrupt:
+        _fail("stopped; the files hold the scenarios finished so far", 130)
+    except (RuntimeError, OSError, psycopg.Error, ConfigError) as error:
+        _fail(f"{type(error).__name__}: {error}", 1)
+
+
+def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
     reps = args.reps or (1 if args.quick else 3)
-    if reps < 1:
-        print("python -m bench: --reps must be at least 1", file=sys.stderr)
-        return 2
     chosen = ORDER if args.scenario == "all" else (args.scenario,)
     server = Server.open(args.data_dir)
     context = Context(server, args.quick, reps)
     started, clock = datetime.now(UTC), time.monotonic()
+    facts = server.facts()
+    command = " ".join(["python -m bench", *(argv if argv is not None else sys.argv[1:])])
+    runs: dict[str, Run] = {}
     try:
-        runs = {}
         for name in chosen:
             print(f"{name}: measuring", file=sys.stderr, flush=True)
             runs[name] = SCENARIOS[name].measure(context)
+            # Written after every scenario: a long run stopped midway keeps what it measured.
+            document = report.document(
+                runs, facts, command=command, started=started,
+                seconds=time.monotonic() - clock, quick=args.quick,
+                pending=[other for other in chosen if other not in runs])
+            paths = report.write(document, runs, args.out, args.scenario)
     finally:
         server.close()
-    document = report.document(
-        runs, server.facts(), command=" ".join(["python -m bench", *(argv or sys.argv[1:])]),
-        started=started, seconds=time.monotonic() - clock, quick=args.quick)
-    paths = report.write(document, runs, args.out, args.scenario)
     print(report.recommendation_text(document["recommendation"]))
     summary = document["summary"] if args.scenario == "all" else document["summary"][args.scenario]
     print(orjson.dumps({"scenario": args.scenario, **summary,

@@ -23,10 +23,11 @@ LATENCY_BUDGET_MS = 100.0
 
 
 def document(runs: dict[str, Run], facts: dict[str, Any], *, command: str,
-             started: datetime, seconds: float, quick: bool) -> dict[str, Any]:
+             started: datetime, seconds: float, quick: bool,
+             pending: list[str]) -> dict[str, Any]:
     return {
         "command": command, "started": started.isoformat(), "seconds": seconds,
-        "quick": quick, "load_average": os.getloadavg(), **facts,
+        "quick": quick, "pending": pending, "load_average": os.getloadavg(), **facts,
         "summary": {name: run.summary for name, run in runs.items()},
         "recommendation": recommend(runs),
         "scenarios": {name: run.as_json() for name, run in runs.items()},
@@ -61,6 +62,8 @@ def markdown(document: dict[str, Any], plots: list[str]) -> str:
              f"shared_buffers {postgresql.get('shared_buffers')}, synchronous_commit "
              f"{postgresql.get('synchronous_commit')}), {machine['cores']} cores, "
              f"Python {machine['python']}.", "",
+             *([f"Not measured yet (the run was still going): {', '.join(document['pending'])}.",
+                ""] if document["pending"] else []),
              "## Recommendation", "", recommendation_text(document["recommendation"]), ""]
     for name, scenario in document["scenarios"].items():
         lines += [f"## {name}", "", *_table(scenario), ""]
