@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true",
                         help="small sizes, one repetition: checks the machinery in ~2 min")
     parser.add_argument("--reps", type=int, help="repetitions (default 3; 1 with --quick)")
+    parser.add_argument("--size", type=float, default=1.0,
+                        help="share of the default sizes (backlogs, background rows), e.g. "
+                        "0.2 on a machine too loaded for the full run (default 1)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"),
                         help="directory for the JSON, Markdown and PNG files")
     parser.add_argument("--data-dir", type=Path,
@@ -61,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.reps is not None and args.reps < 1:
         _fail("--reps must be at least 1", 2)
+    if not 0 < args.size <= 10:
+        _fail("--size must be above 0 and at most 10", 2)
     # SIGTERM unwinds like Ctrl-C, so that the nodes and databases of the run are stopped
     # and dropped on the way out rather than left behind.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -76,7 +81,7 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
     reps = args.reps or (1 if args.quick else 3)
     chosen = ORDER if args.scenario == "all" else (args.scenario,)
     server = Server.open(args.data_dir)
-    context = Context(server, args.quick, reps)
+    context = Context(server, args.quick, reps, args.size)
     started, clock = datetime.now(UTC), time.monotonic()
     facts = server.facts()
     command = " ".join(["python -m bench", *(argv if argv is not None else sys.argv[1:])])

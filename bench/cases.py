@@ -22,9 +22,10 @@ class Context:
     server: Server
     quick: bool
     reps: int
+    scale: float = 1.0  # --size: a share of the default sizes, for a slow machine
 
     def size(self, full: int, quick: int) -> int:
-        return quick if self.quick else full
+        return quick if self.quick else max(quick, round(full * self.scale))
 
 
 def node_label(settings: NodeSettings) -> str:

@@ -1,8 +1,8 @@
 """`latency`: an open-loop load at fixed rates (low, 500/s, and 80 % of the node's drain
 rate) on one node per tick interval, with the producer's wake-up NOTIFY on and off (they
-take turns on the same node). Start latency: the enqueue's commit to the handler's start
-(both this host's clock); completion: the commit to `finished_at` (the database's clock,
-its offset to this host's measured and removed)."""
+take turns on the same node). Start latency: the enqueue's commit (stamped as it is sent)
+to the handler's start (both this host's clock); completion: the commit to `finished_at`
+(the database's clock, its offset to this host's measured and removed)."""
 
 from __future__ import annotations
 
@@ -88,8 +88,10 @@ def open_loop(dsn: str, sequence: str, rate: float, seconds: float,
             ids = [str(enqueue(conn, sequence).id) for _ in range(due - sent)]
             if notify:
                 conn.execute("SELECT pg_notify('orch8_work', '')")
-            conn.commit()
+            # Stamped as the commit is sent: the rows become visible during the commit, so
+            # a latency is never negative (and at most the commit's own time too long).
             stamp = time.time()
+            conn.commit()
             committed.update((instance, stamp) for instance in ids)
             sent = due
     return committed
