@@ -95,6 +95,13 @@ class Settings:
             # A blank token would count as set (no loopback-only rule) yet match no client.
             raise ConfigError("ORCH8_API_TOKEN: must not be blank or begin or end with "
                               "whitespace")
+        if self.batch_size > self.max_in_flight:
+            # A worker never runs more than max_in_flight at once, so a larger batch could
+            # never be claimed whole: refuse rather than cap it without saying so.
+            raise ConfigError(
+                f"ORCH8_BATCH_SIZE ({self.batch_size}) is larger than ORCH8_MAX_IN_FLIGHT "
+                f"({self.max_in_flight}): raise ORCH8_MAX_IN_FLIGHT (--max-in-flight) to at "
+                "least the batch size")
         if self.node_id is not None and not _is_node_id(self.node_id):
             raise ConfigError("ORCH8_NODE_ID: use 1-64 letters, digits, '-', '_' or '.'")
         return self

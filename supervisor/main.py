@@ -52,8 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds between heartbeats (ORCH8_HEARTBEAT_INTERVAL_SECS; default 10)")
     add("--stale-threshold", type=float, dest="stale_threshold_s", metavar="SECS",
         help="silence after which a node is dead (ORCH8_STALE_THRESHOLD_SECS; default 60)")
-    add("--batch-size", type=int, help="instances claimed per tick (ORCH8_BATCH_SIZE)")
-    add("--tick-interval-ms", type=int, help="claim loop interval (ORCH8_TICK_INTERVAL_MS)")
+    add("--batch-size", type=int, help="instances each worker claims at most per claim; a "
+        "node claims up to workers x this (ORCH8_BATCH_SIZE; default "
+        f"{Settings.batch_size}; at most --max-in-flight)")
+    add("--tick-interval-ms", type=int, help="claim loop interval when idle; NOTIFY wakes it "
+        f"sooner (ORCH8_TICK_INTERVAL_MS; default {Settings.tick_interval_ms})")
+    add("--max-in-flight", type=int, help="instances each worker runs at once "
+        f"(ORCH8_MAX_IN_FLIGHT; default {Settings.max_in_flight})")
     add("--drain-timeout", type=float, dest="drain_timeout_s", metavar="SECS",
         help="longest wait for in-flight steps when draining (ORCH8_DRAIN_TIMEOUT_SECS)")
     add("--worker-timeout", type=float, dest="worker_timeout_s", metavar="SECS",

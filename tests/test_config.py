@@ -54,10 +54,25 @@ def test_the_api_limits_are_settings():
     ({"ORCH8_API_MAX_REQUESTS": "0"}, "ORCH8_API_MAX_REQUESTS"),
     ({"ORCH8_API_POOL_SIZE": "101"}, "ORCH8_API_POOL_SIZE"),
     ({"ORCH8_API_READ_TIMEOUT_SECS": "0"}, "ORCH8_API_READ_TIMEOUT_SECS"),
+    ({"ORCH8_BATCH_SIZE": "500", "ORCH8_MAX_IN_FLIGHT": "100"},
+     r"ORCH8_BATCH_SIZE \(500\) is larger than ORCH8_MAX_IN_FLIGHT \(100\)"),
 ])
 def test_bad_values_name_the_variable(environ, named):
     with pytest.raises(ConfigError, match=named):
         Settings.from_environ(environ)
+
+
+def test_a_batch_as_large_as_in_flight_is_honoured():
+    settings = Settings.from_environ({"ORCH8_BATCH_SIZE": "500", "ORCH8_MAX_IN_FLIGHT": "500"})
+    assert (settings.batch_size, settings.max_in_flight) == (500, 500)
+
+
+def test_the_max_in_flight_flag_overrides_the_environment():
+    from supervisor.main import settings_from
+
+    settings = settings_from(["--batch-size", "400", "--max-in-flight", "800"],
+                             {"ORCH8_MAX_IN_FLIGHT": "100"})
+    assert (settings.batch_size, settings.max_in_flight) == (400, 800)
 
 
 def test_secrets_never_show_in_the_settings_repr():

@@ -378,6 +378,9 @@ def test_worker_boot_failure_stops_the_node(cluster: Cluster, db: str) -> None:
     ((), {"ORCH8_WROKERS": "2"}, "unknown environment variable ORCH8_WROKERS"),
     (("--workers", "0"), {}, "ORCH8_WORKERS"),
     (("--heartbeat-interval", "x"), {}, "--heartbeat-interval"),
+    # A batch no worker could hold whole is refused, never silently capped.
+    (("--batch-size", "500"), {"ORCH8_MAX_IN_FLIGHT": "100"},
+     "ORCH8_BATCH_SIZE (500) is larger than ORCH8_MAX_IN_FLIGHT (100)"),
 ])
 def test_bad_configuration_is_one_line(cluster: Cluster, args: tuple[str, ...],
                                        extra: dict[str, str], expected: str) -> None:

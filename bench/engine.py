@@ -1,0 +1,223 @@
+"""orch8 as a user runs it: real `orch8-supervisor` processes, work given through the public
+client, completion seen by SQL reads.
+
+A backlog is inserted in one open transaction while the nodes boot, and committed once
+every node answers `/health/ready`: the whole backlog becomes visible at one instant, with
+a NOTIFY on the channel the workers listen on, so a drain is timed from that commit (the
+database clock) to the last `finished_at`. Completion is probed in O(1) (`DRAINING`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+
+from bench.runs import Figure
+from orch8 import Client, enqueue
+
+ROOT = Path(__file__).resolve().parent.parent
+SUPERVISOR = str(Path(sys.executable).parent / "orch8-supervisor")
+NOOP = [{"id": "only", "handler": "noop", "params": {}}]
+NORMAL = 1  # the priority the client gives when none is asked for
+_SEQUENCES = itertools.count()
+
+# O(1): each EXISTS stops at the first entry of a partial index (the claim order index
+# holds scheduled rows only, in (priority, next_fire_at) order; the running index holds
+# running rows only). Rows scheduled in the future or at another priority are not read.
+DRAINING = """
+SELECT EXISTS (SELECT 1 FROM instances
+               WHERE state = 'scheduled' AND priority = %(priority)s AND next_fire_at <= now())
+    OR EXISTS (SELECT 1 FROM instances WHERE state = 'running')
+"""
+
+# Read once, after the drain: not part of the timed interval.
+TALLY = """
+SELECT count(*) FILTER (WHERE state = 'completed') AS completed,
+       max(finished_at) AS last_finished
+FROM instances WHERE sequence_name = %(sequence)s
+"""
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """Flags for one `orch8-supervisor`; None leaves orch8's own default."""
+
+    workers: int = 2
+    batch_size: int | None = None
+    tick_interval_ms: int | None = None
+    max_in_flight: int | None = None
+
+    def arguments(self) -> list[str]:
+        found = ["--workers", str(self.workers)]
+        for flag, value in (("--batch-size", self.batch_size),
+                            ("--tick-interval-ms", self.tick_interval_ms),
+                            ("--max-in-flight", self.max_in_flight)):
+            if value is not None:
+                found += [flag, str(value)]
+        return found
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Node:
+    """One real `orch8-supervisor` on `dsn`, with the bench's handlers loaded."""
+
+    def __init__(self, dsn: str, settings: NodeSettings) -> None:
+        self.dsn = dsn
+        self.settings = settings
+        self.url = f"http://127.0.0.1:{free_port()}"
+        self._log = tempfile.TemporaryFile()
+        environ = {key: value for key, value in os.environ.items()
+                   if not key.startswith("ORCH8_")}
+        environ.update(DATABASE_URL=dsn, ORCH8_LOG_LEVEL="WARNING",
+                       ORCH8_HANDLERS="bench.handlers",
+                       PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT),
+                                                                os.environ.get("PYTHONPATH")])))
+        self._process = subprocess.Popen(
+            [SUPERVISOR, *settings.arguments(), "--bind", self.url.removeprefix("http://")],
+            env=environ, stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log)
+
+    def wait_ready(self, timeout_s: float = 180) -> None:
+        """Until `/health/ready` answers 200 (every worker up); a node that exits is an error."""
+        deadline = time.monotonic() + timeout_s
+        with httpx.Client(base_url=self.url, timeout=5) as http:
+            while time.monotonic() < deadline:
+                if self._process.poll() is not None:
+                    raise RuntimeError(f"orch8-supervisor exited with {self._process.returncode}: "
+                                       f"{self._output()}")
+                try:
+                    if http.get("/health/ready").status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.05)
+        raise RuntimeError(f"orch8-supervisor not ready within {timeout_s:.0f} s")
+
+    def stop(self) -> None:
+        """SIGTERM (a drain: nothing is in flight by now), then wait; SIGKILL if it hangs."""
+        if self._process.poll() is None:
+            self._process.send_signal(signal.SIGTERM)
+            try:
+                self._process.wait(60)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        self._log.close()
+
+    def _output(self) -> str:
+        self._log.seek(0)
+        lines = self._log.read().decode(errors="replace").strip().splitlines()
+        return lines[-1] if lines else "no output"
+
+
+@contextmanager
+def started(dsn: str, settings: NodeSettings, count: int = 1) -> Iterator[list[Node]]:
+    """`count` nodes on `dsn`, started now and stopped on exit. They boot while the caller
+    goes on (inserting a backlog, say); `ready(nodes)` waits for them."""
+    with ExitStack() as stack:
+        nodes = []
+        for _ in range(count):
+            nodes.append(Node(dsn, settings))
+            stack.callback(nodes[-1].stop)
+        yield nodes
+
+
+def ready(nodes: Sequence[Node]) -> None:
+    for node in nodes:
+        node.wait_ready()
+
+
+class Backlog:
+    """`count` instances of `sequence` inserted through `orch8.enqueue` in one transaction
+    that stays open until `release()`, so that none of them is visible before it."""
+
+    def __init__(self, dsn: str, sequence: str, count: int,
+                 body: dict[str, Any] | None = None) -> None:
+        self.sequence = sequence
+        self.count = count
+        self._conn = psycopg.connect(dsn)
+        for _ in range(count):
+            enqueue(self._conn, sequence, body)
+
+    def release(self, notify: bool = True) -> datetime:
+        """Commit (with a wake-up NOTIFY); return the database's time just after it."""
+        with self._conn:
+            if notify:
+                self._conn.execute("SELECT pg_notify('orch8_work', '')")
+            self._conn.commit()
+            row = self._conn.execute("SELECT now()").fetchone()
+            assert row is not None
+            return row[0]  # type: ignore[no-any-return]
+
+
+def wait_drained(dsn: str, timeout_s: float, priority: int = NORMAL) -> bool:
+    """Probe every 20 ms until nothing due at `priority` is scheduled or running."""
+    deadline = time.monotonic() + timeout_s
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        while time.monotonic() < deadline:
+            row = conn.execute(DRAINING, {"priority": priority}).fetchone()
+            if row is not None and not row[0]:
+                return True
+            time.sleep(0.02)
+    return False
+
+
+def finish(dsn: str, backlog: Backlog, released: datetime, timeout_s: float,
+           steps: int = 1) -> Figure:
+    """Wait for `backlog` to drain; its rate from the release to the last completion."""
+    complete = wait_drained(dsn, timeout_s)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(TALLY, {"sequence": backlog.sequence}).fetchone()
+    completed, last = row if row else (0, None)
+    seconds = (last - released).total_seconds() if last else float("nan")
+    return Figure(count=backlog.count, completed=completed, seconds=seconds,
+                  complete=complete and completed == backlog.count, steps=steps)
+
+
+def drain(dsn: str, settings: NodeSettings, count: int, *, nodes: int = 1,
+          steps: Sequence[dict[str, Any]] = NOOP, timeout_s: float = 300) -> Figure:
+    """Boot `nodes` supervisors while a backlog is inserted, release it, time the drain."""
+    sequence = new_sequence(dsn, steps)
+    with started(dsn, settings, nodes) as booting:
+        backlog = Backlog(dsn, sequence, count)
+        ready(booting)
+        released = backlog.release()
+        return finish(dsn, backlog, released, timeout_s, steps=len(steps))
+
+
+def drain_running(dsn: str, count: int, steps: Sequence[dict[str, Any]] = NOOP,
+                  timeout_s: float = 300) -> Figure:
+    """The same drain, given to nodes already running on `dsn`."""
+    backlog = Backlog(dsn, new_sequence(dsn, steps), count)
+    released = backlog.release()
+    return finish(dsn, backlog, released, timeout_s, steps=len(steps))
+
+
+def new_sequence(dsn: str, steps: Sequence[dict[str, Any]] = NOOP) -> str:
+    """A sequence of its own for each drain, so that its tally counts nothing else."""
+    name = f"drain-{next(_SEQUENCES)}"
+    with Client(dsn) as client:
+        client.create_sequence(name, list(steps))
+    return name
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])

@@ -1,0 +1,101 @@
+"""The PostgreSQL server a run measures on, and the scratch databases it creates there.
+
+`DATABASE_URL` if set (its role must be allowed to create databases), else an embedded
+server in a scratch data directory that stops when the run exits. Every measurement gets
+a database of its own, cloned from a migrated template, and dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import platform
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from orch8.database import resolve_dsn
+from orch8.migrate import migrate
+
+SERVER_FACTS = """
+SELECT current_setting('server_version') AS version,
+       current_setting('shared_buffers') AS shared_buffers,
+       current_setting('synchronous_commit') AS synchronous_commit,
+       current_setting('fsync') AS fsync,
+       current_setting('max_connections') AS max_connections,
+       current_setting('autovacuum') AS autovacuum
+"""
+
+
+class Server:
+    """One PostgreSQL server; `database()` hands out fresh databases on it."""
+
+    def __init__(self, dsn: str, embedded: bool) -> None:
+        self.dsn = dsn
+        self.embedded = embedded
+        self._names = (f"orch8_bench_{os.getpid()}_{n}" for n in itertools.count())
+        self._template: str | None = None
+
+    @classmethod
+    def open(cls, data_dir: Path) -> Server:
+        url = os.environ.get("DATABASE_URL")
+        if url:
+            return cls(url, embedded=False)
+        return cls(resolve_dsn(None, str(data_dir)), embedded=True)
+
+    def facts(self) -> dict[str, Any]:
+        """The server and machine every figure of the run came from."""
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            cursor = conn.cursor(row_factory=psycopg.rows.dict_row)
+            server = cursor.execute(SERVER_FACTS).fetchone() or {}
+        return {
+            "postgresql": {**server, "embedded": self.embedded},
+            "machine": {"cores": os.cpu_count(), "platform": platform.platform(),
+                        "processor": platform.machine(), "python": sys.version.split()[0]},
+        }
+
+    @contextmanager
+    def database(self, migrated: bool = True) -> Iterator[str]:
+        """A new database (migrated for orch8, or empty for the raw loop and pgqueuer)."""
+        name = next(self._names)
+        template = self._migrated_template() if migrated else "template0"
+        self._execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+            sql.Identifier(name), sql.Identifier(template)))
+        try:
+            yield self.dsn_of(name)
+        finally:
+            self._drop(name)
+
+    def dsn_of(self, name: str) -> str:
+        return make_conninfo(self.dsn, dbname=name)
+
+    def close(self) -> None:
+        if self._template is not None:
+            self._drop(self._template)
+            self._template = None
+
+    def _migrated_template(self) -> str:
+        if self._template is None:
+            name = next(self._names)
+            self._execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+            migrate(self.dsn_of(name))
+            self._template = name
+        return self._template
+
+    def _drop(self, name: str) -> None:
+        self._execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+            sql.Identifier(name)))
+
+    def _execute(self, statement: sql.Composed) -> None:
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            conn.execute(statement)
+
+
+def database_name(dsn: str) -> str:
+    return str(conninfo_to_dict(dsn).get("dbname", ""))
