@@ -73,8 +73,11 @@ class Supervisor:
         self.address = address or settings.bind
         self.node_id = settings.node_id or new_node_id()
         self.incarnation = uuid.uuid4()
+        # Checked before each use (one empty round trip): after a database restart a
+        # pooled connection is dead, and the readiness probe must not fail on it.
         self.pool = AsyncConnectionPool(dsn, min_size=1, max_size=4, open=False,
-                                        kwargs={"autocommit": True}, name="orch8-api")
+                                        kwargs={"autocommit": True}, name="orch8-api",
+                                        check=AsyncConnectionPool.check_connection)
         self.dsn = dsn
         self._slots = [WorkerSlot(number) for number in range(1, settings.workers + 1)]
         self._phase = Phase.STARTING

@@ -76,8 +76,15 @@ async def _query(node: NodeView, query: Query[Any]) -> Any:
 
 async def _database_answers(node: NodeView) -> bool:
     async def ping() -> None:
-        async with node.pool.connection(timeout=PING_TIMEOUT_S) as conn:
-            await conn.execute("SELECT 1")
+        # A pooled connection can die under the ping (the database restarted, or its
+        # connections were cut) while the database answers: only a second, new connection
+        # failing too means it is unreachable.
+        try:
+            async with node.pool.connection(timeout=PING_TIMEOUT_S) as conn:
+                await conn.execute("SELECT 1")
+        except psycopg.OperationalError:
+            async with node.pool.connection(timeout=PING_TIMEOUT_S) as conn:
+                await conn.execute("SELECT 1")
 
     try:
         await asyncio.wait_for(ping(), PING_TIMEOUT_S)
