@@ -77,9 +77,12 @@ class Supervisor:
         self.address = address or settings.bind
         self.node_id = settings.node_id or new_node_id()
         self.incarnation = uuid.uuid4()
+        # Checked before each use (one empty round trip): after a database restart a
+        # pooled connection is dead, and the first request must not fail on it.
         self.pool = AsyncConnectionPool(dsn, min_size=1, max_size=settings.api_pool_size,
                                         open=False, kwargs={"autocommit": True},
-                                        name="orch8-api")
+                                        name="orch8-api",
+                                        check=AsyncConnectionPool.check_connection)
         self.dsn = dsn
         # Before any worker starts: each inherits the directory and counts into it.
         self.metrics_dir = metrics_dir.create()

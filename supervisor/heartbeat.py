@@ -91,17 +91,31 @@ class Heartbeat:
         """Beat every interval (sooner when woken) until `stop` is set."""
         interval = self._settings.heartbeat_interval_s
         while not stop.is_set():
-            try:
-                await asyncio.wait_for(self.run_once(), timeout=max(5.0, interval))
-                self.last_beat_at = time.monotonic()
-                self._owner.on_database(True)
-            except (psycopg.Error, OSError, TimeoutError) as error:
-                log.warning("heartbeat failed (%s); retrying", error)
-                self._owner.on_database(False)
-                await self._drop_connection()
+            self._owner.on_database(await self._beat(timeout=max(5.0, interval)))
             self._wake.clear()
             await wait_any(stop, self._wake, timeout=interval)
         await self._drop_connection()
+
+    async def _beat(self, timeout: float) -> bool:
+        """One beat; whether the database answered.
+
+        A connection that was open before this beat may have died with a database restart
+        the node slept through: it is replaced and the beat tried again at once. Only a
+        fresh connection failing means the database is unreachable; otherwise readiness
+        would drop once more, late, after the database is already back.
+        """
+        while True:
+            fresh = self._conn is None or self._conn.closed
+            try:
+                await asyncio.wait_for(self.run_once(), timeout)
+                self.last_beat_at = time.monotonic()
+                return True
+            except (psycopg.Error, OSError, TimeoutError) as error:
+                await self._drop_connection()
+                if fresh:
+                    log.warning("heartbeat failed (%s); retrying", error)
+                    return False
+                log.info("heartbeat connection lost (%s); reconnecting", error)
 
     async def run_once(self) -> None:
         """One beat and one sweep."""

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -154,3 +155,34 @@ class Cluster:
                 node.process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 pass
+
+
+class ReadinessWatch:
+    """Polls /health/ready of some nodes in a thread, keeping every answer:
+    (node id, status or None, body, time.time() when asked)."""
+
+    def __init__(self, nodes: list[Node]) -> None:
+        self.answers: list[tuple[str, int | None, str, float]] = []
+        self._nodes = nodes
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> ReadinessWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=5) as client:
+            while not self._stop.wait(0.02):
+                for node in self._nodes:
+                    asked = time.time()
+                    try:
+                        response = client.get(node.url("/health/ready"))
+                        self.answers.append((node.node_id, response.status_code,
+                                             response.text, asked))
+                    except httpx.HTTPError as error:
+                        self.answers.append((node.node_id, None, repr(error), asked))
