@@ -25,8 +25,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import orch8
 
-ACCOUNTS, EVENTS_PER_ACCOUNT = 5, 6
-LIMIT, WINDOW_MS = 10, 1000
+ACCOUNTS, EVENTS_PER_ACCOUNT = 10, 3
+LIMIT, WINDOW_MS = 5, 1000
 # Workers re-read the set of rate limits every 2 s: give a limit set just now time to
 # reach them all before the first call (a durable delay, not a sleep in this program).
 LIMIT_SETTLES_MS = 2100

@@ -13,6 +13,7 @@ import tests.handlers_core  # noqa: F401  (registers test handlers)
 from orch8 import Client, State
 from orch8.config import Settings
 from orch8.engine.worker import Worker
+from orch8.handlers import default_registry
 from orch8.store.claims import Owner
 from tests.engine_helpers import FAST, run_workers_until, wait_for_listeners
 
@@ -84,15 +85,21 @@ def test_non_retryable_error_fails_at_once(dsn, client):
     assert (done.state, done.attempt, done.last_error) == (State.FAILED, 1, "card declined")
 
 
-UNKNOWN = ("unknown handler 'no_such_handler' (this node loaded: orch8.handlers.builtin, "
-           "tests.handlers_core; set ORCH8_HANDLERS to the module that defines it)")
+def unknown_handler_error() -> str:
+    # The modules are those of this process's registry: the built-ins, tests.handlers_core,
+    # and whatever other test modules imported before this test have registered.
+    loaded = default_registry.modules()
+    assert "orch8.handlers.builtin" in loaded and "tests.handlers_core" in loaded
+    return (f"unknown handler 'no_such_handler' (this node loaded: {', '.join(loaded)}; "
+            "set ORCH8_HANDLERS to the module that defines it)")
 
 
 @pytest.mark.parametrize("handler, error", [
-    ("no_such_handler", UNKNOWN),
+    ("no_such_handler", None),
     ("test_not_a_dict", "handler returned list, not a dict"),
 ])
 def test_handler_mistakes_fail_the_instance_not_the_worker(dsn, client, handler, error):
+    error = error or unknown_handler_error()
     client.create_sequence("broken", [{"id": "s", "handler": handler,
                                        "retry": {"max_attempts": 3, "initial_backoff_ms": 10}}])
     bad = client.start("broken")

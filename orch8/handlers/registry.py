@@ -109,8 +109,6 @@ def load_modules(modules: tuple[str, ...] | list[str]) -> None:
             raise ConfigError(f"cannot load handler module {module!r}: {error}") from None
 
 
-
-
 def _importable_from_working_directory() -> None:
     """Look modules up in the working directory first, as celery, gunicorn and uvicorn do.
 
