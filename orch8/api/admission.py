@@ -138,14 +138,17 @@ class _Answering:
 
 
 def _bounded(receive: Receive, seconds: float) -> Receive:
-    """`receive`, but the request body must be complete within `seconds` (408)."""
-    deadline = asyncio.get_running_loop().time() + seconds
+    """`receive`, but the request body must be complete within `seconds` of the app first
+    asking for it (408)."""
+    deadline: float | None = None
     complete = False
 
     async def bounded() -> Message:
-        nonlocal complete
+        nonlocal complete, deadline
         if complete:  # past the body, receive waits for the disconnect: no deadline
             return await receive()
+        if deadline is None:
+            deadline = asyncio.get_running_loop().time() + seconds
         try:
             async with asyncio.timeout_at(deadline):
                 message = await receive()
