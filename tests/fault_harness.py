@@ -35,11 +35,12 @@ TERMINAL = ("completed", "failed", "cancelled")
 AUDIT = """
 CREATE TABLE test_step_writes (
     instance_id uuid NOT NULL, step_id text NOT NULL, op text NOT NULL,
-    incarnation text, at timestamptz NOT NULL DEFAULT clock_timestamp());
+    incarnation text, pid integer, at timestamptz NOT NULL DEFAULT clock_timestamp());
 CREATE FUNCTION test_audit_step_write() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    INSERT INTO test_step_writes (instance_id, step_id, op, incarnation)
-    VALUES (NEW.instance_id, NEW.step_id, TG_OP, NEW.output->>'incarnation');
+    INSERT INTO test_step_writes (instance_id, step_id, op, incarnation, pid)
+    VALUES (NEW.instance_id, NEW.step_id, TG_OP, NEW.output->>'incarnation',
+            (NEW.output->>'pid')::integer);
     RETURN NULL;
 END $$;
 CREATE TRIGGER test_audit_step_write AFTER INSERT OR UPDATE ON step_outputs
@@ -259,14 +260,15 @@ class FaultRun:
     def entries(self) -> list[dict[str, Any]]:
         return [orjson.loads(line) for line in self.ledger.read_bytes().splitlines() if line]
 
-    def verdict(self, scenario: str, late_from: set[str] | None = None) -> Figures:
-        """The figures of this run; `late_from`: incarnations whose late outcomes to count."""
+    def verdict(self, scenario: str, late_from: set[int] | None = None) -> Figures:
+        """The figures of this run; `late_from`: processes whose late outcomes to count (by
+        pid: a frozen worker reads its claim only after it thaws, so the ledger's incarnation
+        of a step it started then is already its successor's)."""
         figures = Figures(scenario, accepted=len(self.accepted))
         final = dict(query(self.dsn, "SELECT id, state FROM instances WHERE id = ANY(%(ids)s)",
                            {"ids": self.accepted}))
         figures.lost = sum(1 for i in self.accepted if final.get(i) not in TERMINAL)
-        writes = query(self.dsn, "SELECT instance_id, step_id, op, incarnation "
-                                 "FROM test_step_writes")
+        writes = query(self.dsn, "SELECT instance_id, step_id, op, pid FROM test_step_writes")
         per_step = Counter((row[0], row[1]) for row in writes)
         figures.doubled = sum(1 for count in per_step.values() if count > 1)
         figures.overwritten = sum(1 for row in writes if row[2] == "UPDATE")
@@ -280,8 +282,8 @@ class FaultRun:
         if late_from:
             recorded_by = {(str(row[0]), row[1]): row[3] for row in writes}
             figures.fenced_late_writes = sum(
-                1 for e in self.entries() if e["event"] == "end" and e["incarnation"] in late_from
-                and recorded_by.get((e["instance"], e["step"])) not in late_from)
+                1 for e in self.entries() if e["event"] == "end" and e["pid"] in late_from
+                and recorded_by.get((e["instance"], e["step"])) != e["pid"])
         figures.reclaim_bound_s = self.reclaim_bound()
         return figures
 

@@ -83,6 +83,8 @@ class Node:
         os.kill(self.pid, number)
 
     def signal_group(self, number: int) -> None:
+        # Once reaped, the node's pid may lead another process's group: never signal it.
+        assert self.process.returncode is None, f"{self.node_id} has already exited"
         os.killpg(self.pid, number)  # the node is its own session: pgid == pid
 
     def wait_exit(self, timeout: float) -> int:
@@ -109,6 +111,27 @@ def worker_pids(node_id: str) -> list[int]:
         if title.startswith("orch8 worker ") and title.endswith(f" {node_id}") and state != "Z":
             found.append(int(entry.name))
     return sorted(found)
+
+
+def _group_of(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
+def _kill_group(group: int) -> None:
+    try:
+        os.killpg(group, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 @dataclass
@@ -147,10 +170,15 @@ class Cluster:
 
     def close(self) -> None:
         for node in self.nodes:
-            try:
-                os.killpg(node.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            if node.process.poll() is None:
+                # Not reaped yet, so its pid (and group id) cannot have been reused.
+                _kill_group(node.pid)
+            else:
+                # Reaped: with a small pid_max its pid may already lead someone else's group
+                # (a PostgreSQL postmaster calls setsid). Kill only what is left of this node.
+                for pid in worker_pids(node.node_id):
+                    if _group_of(pid) == node.pid:
+                        _kill(pid)
             try:
                 node.process.wait(timeout=10)
             except subprocess.TimeoutExpired:

@@ -155,14 +155,14 @@ def test_freeze_below_and_above_the_threshold(runs: Any) -> None:
                    "a to come back as a new incarnation")
         wait_until(lambda: a.ready_status() == 200, 30, "a to be ready again")
     run.wait_settled(120)
-    figures = run.verdict("3 SIGSTOP below / above the threshold", late_from={long})
+    figures = run.verdict("3 SIGSTOP below / above the threshold", late_from=freeze.pids)
     figures.reclaim_s = [reclaim]
     fenced = run.fenced_total([a]) - fenced_before
     figures.notes["fenced_counted"] = fenced
     report(figures)
     assert fenced == figures.fenced_late_writes, "a refused late outcome was not counted"
-    late = query(run.dsn, "SELECT count(*) FROM test_step_writes WHERE incarnation = %(i)s "
-                          "AND at > %(t)s", {"i": long, "t": freeze.at})[0][0]
+    late = query(run.dsn, "SELECT count(*) FROM test_step_writes WHERE pid = ANY(%(pids)s) "
+                          "AND at > %(t)s", {"pids": list(freeze.pids), "t": freeze.at})[0][0]
     assert late == 0, "the frozen incarnation recorded an outcome after its claims moved"
 
 
