@@ -28,6 +28,7 @@ import httpx
 import psycopg
 
 from bench.runs import Figure
+from bench.server import commit_stamped
 from orch8 import Client, enqueue
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -155,15 +156,11 @@ class Backlog:
         for _ in range(count):
             enqueue(self._conn, sequence, body)
 
-    def release(self, notify: bool = True) -> datetime:
-        """Commit (with a wake-up NOTIFY); return the database's time just after it."""
+    def release(self) -> datetime:
+        """Commit (with a wake-up NOTIFY); return the database's time just before it."""
         with self._conn:
-            if notify:
-                self._conn.execute("SELECT pg_notify('orch8_work', '')")
-            self._conn.commit()
-            row = self._conn.execute("SELECT now()").fetchone()
-            assert row is not None
-            return row[0]  # type: ignore[no-any-return]
+            self._conn.execute("SELECT pg_notify('orch8_work', '')")
+            return commit_stamped(self._conn)
 
 
 def wait_drained(dsn: str, timeout_s: float, priority: int = NORMAL) -> bool:

@@ -13,6 +13,7 @@ import time
 import psycopg
 
 from bench.runs import Figure
+from bench.server import commit_stamped
 from bench.workers import Signals, children
 
 SCHEMA = """
@@ -68,9 +69,9 @@ def drain(dsn: str, batch: int, processes: int, count: int, timeout_s: float = 3
         conn.execute(SCHEMA)
     with children(loop, processes, dsn, batch) as crew:
         crew.signals.go.set()
-        with psycopg.connect(dsn, autocommit=True) as conn:
+        with psycopg.connect(dsn) as conn:
             conn.execute(BACKLOG, {"count": count})
-            released = conn.execute("SELECT now()").fetchone()[0]  # type: ignore[index]
+            released = commit_stamped(conn)
             complete = crew.wait_count(count, timeout_s)
             last = conn.execute(LAST_FINISHED).fetchone()[0]  # type: ignore[index]
     seconds = (last - released).total_seconds() if last else float("nan")

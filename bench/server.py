@@ -13,12 +13,13 @@ import platform
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import psycopg
 from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.conninfo import make_conninfo
 
 from orch8.database import resolve_dsn
 from orch8.migrate import migrate
@@ -97,5 +98,12 @@ class Server:
             conn.execute(statement)
 
 
-def database_name(dsn: str) -> str:
-    return str(conninfo_to_dict(dsn).get("dbname", ""))
+def commit_stamped(conn: psycopg.Connection[Any]) -> datetime:
+    """Commit `conn`'s transaction; return the database clock read just before the commit.
+    What it wrote becomes visible at the commit, never before that time, so a drain timed
+    from it is never too fast (at most the commit's own duration too slow); a time read
+    after the commit could come after the first claims."""
+    row = conn.execute("SELECT clock_timestamp()").fetchone()
+    conn.commit()
+    assert row is not None
+    return row[0]  # type: ignore[no-any-return]
