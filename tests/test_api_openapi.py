@@ -8,8 +8,8 @@ body) is the one the document promises.
 
 from __future__ import annotations
 
-import tempfile
 import copy
+import tempfile
 from collections.abc import Iterator
 
 import httpx
