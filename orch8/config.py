@@ -66,6 +66,8 @@ class Settings:
                 values[field_name] = parse(raw)
             except ValueError as error:
                 raise ConfigError(f"{variable}: {error}") from None
+        if "batch_size" not in values and "max_in_flight" in values:
+            values["batch_size"] = _default_batch(values["max_in_flight"])
         return cls(**values).validated()
 
     def validated(self) -> Settings:
@@ -109,6 +111,9 @@ class Settings:
     def with_overrides(self, **overrides: Any) -> Settings:
         """A copy with the given fields replaced (command-line flags), validated again."""
         present = {k: v for k, v in overrides.items() if v is not None}
+        if ("max_in_flight" in present and "batch_size" not in present
+                and self.batch_size == Settings.batch_size):
+            present["batch_size"] = _default_batch(present["max_in_flight"])
         return replace(self, **present).validated()
 
     def __repr__(self) -> str:
@@ -123,6 +128,13 @@ class Settings:
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _default_batch(max_in_flight: int) -> int:
+    # The batch size's default follows a lower max in flight (a node set to run one step at
+    # a time claims one at a time); a batch size that is given explicitly never does, and
+    # one above the max in flight is refused.
+    return min(Settings.batch_size, max_in_flight)
 
 
 def _positive_int(raw: str) -> int:

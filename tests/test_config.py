@@ -89,3 +89,11 @@ def test_secrets_never_show_in_the_settings_repr():
 def test_redact_hides_dsn_passwords(text):
     assert "hunter2" not in redact(text)
     assert "***" in redact(text)
+
+
+def test_the_default_batch_follows_a_lower_max_in_flight():
+    assert Settings.from_environ({"ORCH8_MAX_IN_FLIGHT": "1"}).batch_size == 1
+    assert Settings.from_environ({"ORCH8_MAX_IN_FLIGHT": "500"}).batch_size == 50
+    assert Settings.from_environ({}).with_overrides(max_in_flight=3).batch_size == 3
+    with pytest.raises(ConfigError, match="ORCH8_BATCH_SIZE"):
+        Settings.from_environ({"ORCH8_BATCH_SIZE": "50", "ORCH8_MAX_IN_FLIGHT": "1"})
