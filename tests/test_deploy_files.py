@@ -235,7 +235,7 @@ def test_service_budget_and_autoscaler_point_at_the_deployment() -> None:
                                                 ["name"])
     [metric] = found["HorizontalPodAutoscaler"]["spec"]["metrics"]
     name = metric["external"]["metric"]["name"]
-    assert f'"{name}"' in (REPO / "orch8" / "metrics.py").read_text(), "a metric we export"
+    assert f'"{name}"' in (REPO / "orch8" / "api" / "metrics.py").read_text(), "a metric we export"
     adapter = yaml.safe_load((KUBERNETES / "metrics-adapter" / "values.yaml").read_text())
     [rule] = adapter["rules"]["external"]
     assert rule["name"]["as"] == name and name in rule["seriesQuery"]

@@ -117,8 +117,9 @@ def test_metrics_match_what_ran(node: Node) -> None:
         assert value(after, "orch8_steps_executed_total") == 127
         assert value(after, "orch8_instances_failed_total") == 5
 
-        # The supervisor releases a killed worker's claims, and counts them.
-        released = value(after, "orch8_instances_released_total")
+        # The supervisor settles a killed worker's claims and counts what it did: the step
+        # that was running is charged an attempt, and with no retry policy that fails it.
+        failed = value(after, "orch8_instances_failed_total")
         created = client.post("/instances", json={"sequence": "nap"})
         assert created.status_code == 201, created.text
         nap = created.json()["id"]
@@ -126,9 +127,11 @@ def test_metrics_match_what_ran(node: Node) -> None:
         for pid in worker_pids(node):
             os.kill(pid, signal.SIGKILL)
         late = eventually(lambda: scrape(client), lambda s: value(
-            s, "orch8_instances_released_total") > released)
-        assert value(late, "orch8_instances_released_total") == released + 1
-        assert client.post(f"/instances/{nap}/cancel").status_code < 300
+            s, "orch8_instances_failed_total") > failed)
+        assert value(late, "orch8_instances_failed_total") == failed + 1
+        assert value(late, "orch8_worker_deaths_total") >= 1
+        settled = wait_for(client, nap, states=("failed",))
+        assert "killed by SIGKILL" in settled["last_error"]
 
 
 def worker_pids(node: Node) -> list[int]:
