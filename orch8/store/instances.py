@@ -157,10 +157,11 @@ def create_instance(request: NewInstance) -> Query[Created]:
 
 # Many instances in one statement (a batch): the same as CREATE for each request, in
 # order. The requests travel as one JSON document (orjson encodes it far faster than
-# psycopg adapts ten parameter arrays). A key repeated within the batch is inserted once:
-# the later requests get the first one's id, deduplicated, as one-by-one creation gave.
-# Unknown sequences and keys taken by a concurrent transaction come back as NULLs, for
-# `read` to raise on (the caller's transaction then creates none of the batch).
+# psycopg adapts ten parameter arrays). Inserting in request order makes the first of a
+# key repeated within the batch the one inserted. The statement answers with three sets
+# (what it inserted, the instances that already held the batch's keys, the sequences it
+# did not find) and `read` matches them to the requests: joining the inserted rows back
+# to the requests here would be planned on a guessed row count, quadratic in the batch.
 CREATE_MANY = """
 WITH request AS (
     SELECT * FROM ROWS FROM (jsonb_to_recordset(%(batch)s::jsonb) AS (
@@ -169,17 +170,16 @@ WITH request AS (
         max_concurrency int)) WITH ORDINALITY AS r(
         id, sequence, version, priority, run_at, delay_ms, input, idempotency_key,
         concurrency_key, max_concurrency, position)
+), wanted AS (
+    SELECT DISTINCT sequence, version FROM request
 ), target AS (
-    SELECT r.position, s.name, s.version
-    FROM (SELECT DISTINCT sequence, version FROM request) wanted
-    CROSS JOIN LATERAL (
+    SELECT w.sequence AS wanted_name, w.version AS wanted_version, s.name, s.version
+    FROM wanted w CROSS JOIN LATERAL (
         SELECT name, version FROM sequences
-        WHERE name = wanted.sequence AND (wanted.version IS NULL OR version = wanted.version)
+        WHERE name = w.sequence AND (w.version IS NULL OR version = w.version)
         ORDER BY version DESC
         LIMIT 1
     ) s
-    JOIN request r ON r.sequence = wanted.sequence
-        AND r.version IS NOT DISTINCT FROM wanted.version
 ), inserted AS (
     INSERT INTO instances (
         id, sequence_name, sequence_version, priority, next_fire_at, input,
@@ -187,42 +187,56 @@ WITH request AS (
     SELECT r.id, t.name, t.version, r.priority,
         coalesce(r.run_at, now() + r.delay_ms * interval '1 millisecond'),
         r.input, r.idempotency_key, r.concurrency_key, r.max_concurrency
-    FROM request r JOIN target t ON t.position = r.position
+    FROM request r
+    JOIN target t ON t.wanted_name = r.sequence AND t.wanted_version IS NOT DISTINCT FROM r.version
     ORDER BY r.position
     ON CONFLICT (idempotency_key) DO NOTHING
-    RETURNING id, idempotency_key
+    RETURNING id
 )
-SELECT r.position, t.position IS NOT NULL AS known,
-    coalesce(mine.id, same_key.id, earlier.id) AS id, mine.id IS NULL AS deduplicated
-FROM request r
-LEFT JOIN target t ON t.position = r.position
-LEFT JOIN inserted mine ON mine.id = r.id
-LEFT JOIN inserted same_key ON mine.id IS NULL AND same_key.idempotency_key = r.idempotency_key
-LEFT JOIN instances earlier ON mine.id IS NULL AND same_key.id IS NULL
-    AND earlier.idempotency_key = r.idempotency_key
-ORDER BY r.position
+SELECT 'inserted' AS kind, id, NULL AS key, NULL AS sequence, NULL::int AS version
+FROM inserted
+UNION ALL
+-- The statement's snapshot does not show its own inserts: these held the key before.
+SELECT 'existing', id, idempotency_key, NULL, NULL FROM instances
+WHERE idempotency_key = ANY (ARRAY(
+    SELECT idempotency_key FROM request WHERE idempotency_key IS NOT NULL))
+UNION ALL
+SELECT 'unknown', NULL, NULL, w.sequence, w.version FROM wanted w
+WHERE NOT EXISTS (SELECT 1 FROM target t
+                  WHERE t.wanted_name = w.sequence
+                    AND t.wanted_version IS NOT DISTINCT FROM w.version)
 """
 
 
 def create_instances(requests: list[NewInstance]) -> Query[list[Created]]:
     """Create many instances in one statement; with a known idempotency key, return the
     first one instead. Run it inside a transaction: an error leaves none created."""
+    ids = [uuid7() for _ in requests]
     batch = orjson.dumps([
-        {"id": str(uuid7()), "sequence": r.sequence, "version": r.version,
+        {"id": str(new_id), "sequence": r.sequence, "version": r.version,
          "priority": int(r.priority), "run_at": r.run_at, "delay_ms": r.delay_ms,
          "input": r.input, "idempotency_key": r.idempotency_key,
          "concurrency_key": r.concurrency_key, "max_concurrency": r.max_concurrency}
-        for r in requests
+        for new_id, r in zip(ids, requests, strict=True)
     ]).decode()
 
     def read(rows: list[Row]) -> list[Created]:
+        inserted = {row["id"] for row in rows if row["kind"] == "inserted"}
+        holders = {row["key"]: row["id"] for row in rows if row["kind"] == "existing"}
+        unknown = {(row["sequence"], row["version"]) for row in rows if row["kind"] == "unknown"}
         created = []
-        for row, request in zip(rows, requests, strict=True):
-            if not row["known"]:
+        for new_id, request in zip(ids, requests, strict=True):
+            if (request.sequence, request.version) in unknown:
                 raise NotFound(f"no sequence {_shown(request)}")
-            if row["id"] is None:
+            key = request.idempotency_key
+            if new_id in inserted:
+                created.append(Created(new_id, False))
+                if key is not None:
+                    holders[key] = new_id  # later requests with this key get this one
+            elif key in holders:
+                created.append(Created(holders[key], True))
+            else:
                 raise Conflict("idempotency key is being used by a concurrent request; retry")
-            created.append(Created(row["id"], row["deduplicated"]))
         return created
 
     return Query(CREATE_MANY, {"batch": batch}, read)
