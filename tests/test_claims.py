@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 
+import orjson
 import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -115,6 +116,43 @@ def test_the_claim_reads_its_index(client, conn):
     text = str(plan)
     assert "instances_claim_order" in text, text
     assert "Seq Scan" not in text, text
+
+
+def test_the_plain_claim_reads_the_same_index(client, conn):
+    conn.execute("""
+        INSERT INTO instances (id, sequence_name, sequence_version, state, priority, next_fire_at)
+        SELECT gen_random_uuid(), 's', 1,
+               (ARRAY['scheduled','completed','completed','completed'])[1 + g % 4],
+               g % 4, now() - (g || ' seconds')::interval
+        FROM generate_series(1, 20000) AS g""")
+    conn.execute("ANALYZE instances")
+    plan = str(conn.execute(
+        "EXPLAIN (FORMAT JSON) " + claims.CLAIM_PLAIN,
+        {"node_id": "n", "incarnation": uuid.uuid4(), "slot": 0, "limit": 50},
+    ).fetchone()[0])
+    assert "instances_claim_order" in plan, plan
+    assert "Seq Scan" not in plan, plan
+
+
+def test_the_finish_finds_its_rows_by_id_whatever_the_statistics_say(client, conn):
+    # Statistics taken while nothing runs, then many instances running: a plan that trusts
+    # the statistics reads every running row; the finish must read only its own.
+    conn.execute("""
+        INSERT INTO instances (id, sequence_name, sequence_version, state)
+        SELECT gen_random_uuid(), 's', 1, 'completed' FROM generate_series(1, 5000)""")
+    conn.execute("ANALYZE instances")
+    conn.execute("""
+        INSERT INTO instances (id, sequence_name, sequence_version, state, claim_epoch)
+        SELECT gen_random_uuid(), 's', 1, 'running', 1 FROM generate_series(1, 5000)""")
+    ids = [row[0] for row in conn.execute(
+        "SELECT id FROM instances WHERE state = 'running' LIMIT 50")]
+    batch = orjson.dumps([{"id": str(i), "epoch": 1, "step_id": "a", "attempt": 1,
+                           "output": {}, "next_index": 1, "last": False} for i in ids]).decode()
+    plan = str(conn.execute("EXPLAIN (FORMAT JSON) " + claims.FINISH_STEPS,
+                            {"batch": batch}).fetchone()[0])
+    assert "instances_pkey" in plan, plan
+    for other in ("instances_by_state", "instances_running_by_incarnation", "Seq Scan"):
+        assert other not in plan, plan
 
 
 @settings(max_examples=15, deadline=None,
