@@ -9,6 +9,7 @@ functions may block, so they always run in the handler thread pool.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import time
 import types
@@ -51,15 +52,18 @@ class Caller:
         if handler is None:
             return unknown_handler(step)
         started = time.perf_counter()
+        # A context of its own, as a Task would give it: a context variable a handler sets
+        # must not leak into the next handler of the batch.
+        variables = contextvars.copy_context()
         try:
             coroutine = handler.function(context, step.params)
-            suspended_on = coroutine.send(None)
+            suspended_on = variables.run(coroutine.send, None)
         except StopIteration as returned:
             outcome = _output(returned.value)
         except Exception as error:
             outcome = _failure(step, error)
         else:
-            return self._finish(step, _resume(coroutine, suspended_on), started)
+            return self._finish(step, _resume(coroutine, suspended_on, variables), started)
         self._observe(started)
         return outcome
 
@@ -118,8 +122,9 @@ def _failure(step: Step, error: Exception) -> Outcome:
 
 
 @types.coroutine
-def _resume(coroutine: Coroutine[Any, Any, Any], suspended_on: Any) -> Generator[Any, Any, Any]:
-    """Drive, from a new Task, a coroutine already started elsewhere.
+def _resume(coroutine: Coroutine[Any, Any, Any], suspended_on: Any,
+            variables: contextvars.Context) -> Generator[Any, Any, Any]:
+    """Drive, from a new Task, a coroutine already started elsewhere (in `variables`).
 
     It first hands the Task what the coroutine suspended on (a future the Task then
     waits for), then relays every resumption and every exception (a cancel) to it.
@@ -132,12 +137,12 @@ def _resume(coroutine: Coroutine[Any, Any, Any], suspended_on: Any) -> Generator
             raise
         except BaseException as error:
             try:
-                suspended_on = coroutine.throw(error)
+                suspended_on = variables.run(coroutine.throw, error)
             except StopIteration as returned:
                 return returned.value
         else:
             try:
-                suspended_on = coroutine.send(sent)
+                suspended_on = variables.run(coroutine.send, sent)
             except StopIteration as returned:
                 return returned.value
 
