@@ -94,7 +94,7 @@ class Client:
             raise DefinitionError("instances", f"at most {MAX_BATCH} per batch")
         parsed = [parse_new_instance(body) for body in requests]
         with self._pool.connection() as conn, conn.transaction():
-            return [instances.create_instance(request).run(conn) for request in parsed]
+            return instances.create_instances(parsed).run(conn)
 
     def get(self, instance_id: uuid.UUID | str) -> Instance:
         return self._run(instances.get_instance(uuid.UUID(str(instance_id))))

@@ -42,3 +42,19 @@ def test_the_client_is_held_to_the_nesting_limit(dsn):
             client.start("deep", {"a": deep})
         assert refused.value.field == "input"
         assert client.list() == []
+
+
+def test_start_many_keeps_idempotency_keys_within_and_across_batches(dsn):
+    with Client(dsn) as client:
+        client.create_sequence("keyed", [{"id": "a", "handler": "noop"}])
+        first = client.start("keyed", {"n": 0}, idempotency_key="earlier")
+        created = client.start_many([
+            {"sequence": "keyed", "input": {"n": 1}, "idempotency_key": "twice"},
+            {"sequence": "keyed", "input": {"n": 2}},
+            {"sequence": "keyed", "input": {"n": 3}, "idempotency_key": "twice"},
+            {"sequence": "keyed", "input": {"n": 4}, "idempotency_key": "earlier"},
+        ])
+        assert [c.deduplicated for c in created] == [False, False, True, True]
+        assert created[2].id == created[0].id and created[3].id == first.id
+        assert client.get(created[0].id).input == {"n": 1}
+        assert len(client.list()) == 3

@@ -81,7 +81,7 @@ class Workflows:
         parsed = [_parse_item(index, item) for index, item in enumerate(items)]
         # One transaction: every instance is created, or (on any error) none is.
         async with self.node.pool.connection() as conn, conn.transaction():
-            created = [await instances.create_instance(new).run_async(conn) for new in parsed]
+            created = await instances.create_instances(parsed).run_async(conn)
         shown = [{"id": item.id, "deduplicated": item.deduplicated} for item in created]
         return json_response({"instances": shown}, 201)
 

@@ -1,8 +1,10 @@
 """Group commit of step successes: one statement for many instances.
 
-Executors hand a `StepDone` to `finish()` and wait for the answer (did the fence hold?).
-One background task writes whatever has gathered since its last write, so under load each
-statement carries many outcomes, and when idle an outcome waits at most `linger_s`.
+Executors hand the step successes of a round to `finish_many()` and wait for the answer
+(whose fence held?). One background task writes whatever has gathered since its last
+write, so under load each statement carries many rounds' outcomes, and when idle an
+outcome waits at most `linger_s`. One waiter per round, not per instance: the cost per
+instance is an entry in a list.
 
 The committer counts the outcomes the fence refused itself, rather than its callers: a
 caller cancelled while its outcome waits (a worker told to stop now) is gone, but the
@@ -24,6 +26,8 @@ from orch8.store.claims import StepDone, finish_steps
 
 log = logging.getLogger("orch8.engine.committer")
 
+Entry = tuple[list[StepDone], "asyncio.Future[set[uuid.UUID]]"]
+
 
 class StepCommitter:
     def __init__(self, pool: AsyncConnectionPool, linger_s: float, max_batch: int = 500,
@@ -32,17 +36,23 @@ class StepCommitter:
         self._linger_s = linger_s
         self._max_batch = max_batch
         self._on_refused = on_refused
-        self._pending: list[tuple[StepDone, asyncio.Future[bool]]] = []
+        self._pending: list[Entry] = []
         self._arrived = asyncio.Event()
         # Held while a batch is taken and written: `flush()` waits for a write in flight.
         self._writing = asyncio.Lock()
 
-    async def finish(self, done: StepDone) -> bool:
-        """Record one step's success; True if applied, False if the claim was lost."""
-        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._pending.append((done, future))
+    async def finish_many(self, done: list[StepDone]) -> set[uuid.UUID]:
+        """Record step successes; return the ids applied (the others' claims were lost)."""
+        loop = asyncio.get_running_loop()
+        futures = []
+        for start in range(0, len(done), self._max_batch):
+            future: asyncio.Future[set[uuid.UUID]] = loop.create_future()
+            self._pending.append((done[start:start + self._max_batch], future))
+            futures.append(future)
         self._arrived.set()
-        return await future
+        if len(futures) == 1:
+            return await futures[0]
+        return set().union(*await asyncio.gather(*futures))
 
     async def run(self) -> None:
         """Write batches until cancelled; a failed write fails that batch's callers only."""
@@ -61,17 +71,27 @@ class StepCommitter:
 
     async def _write_next(self) -> None:
         async with self._writing:
-            batch = self._pending[:self._max_batch]
-            self._pending = self._pending[self._max_batch:]
+            batch = self._take()
             if not self._pending:
                 self._arrived.clear()
             if batch:
                 await self._write(batch)
 
-    async def _write(self, batch: list[tuple[StepDone, asyncio.Future[bool]]]) -> None:
+    def _take(self) -> list[Entry]:
+        """Whole entries, up to `max_batch` outcomes (always at least one entry)."""
+        count = taken = 0
+        for done, _ in self._pending:
+            if taken and count + len(done) > self._max_batch:
+                break
+            count += len(done)
+            taken += 1
+        batch, self._pending = self._pending[:taken], self._pending[taken:]
+        return batch
+
+    async def _write(self, batch: list[Entry]) -> None:
         try:
             async with self._pool.connection() as conn:
-                applied: set[uuid.UUID] = await finish_steps(conn, [done for done, _ in batch])
+                applied = await finish_steps(conn, [d for done, _ in batch for d in done])
         except Exception as error:  # the callers decide whether to try again
             for _, future in batch:
                 if not future.done():
@@ -79,8 +99,8 @@ class StepCommitter:
             return
         refused = 0
         for done, future in batch:
-            refused += done.id not in applied
+            refused += sum(1 for d in done if d.id not in applied)
             if not future.done():
-                future.set_result(done.id in applied)
+                future.set_result(applied)
         if refused and self._on_refused is not None:
             self._on_refused(refused)

@@ -1,4 +1,12 @@
-"""Runs one claimed instance: its steps in order until it completes, fails, waits or retries.
+"""Runs claimed instances: their steps in order until each completes, fails, waits or retries.
+
+A claimed batch runs as a batch, in rounds. Each round starts the current step of every
+instance still in hand, records all the outputs that came straight back in one fenced
+statement, and goes on with the instances that have steps left. An instance whose step
+really waits (a coroutine handler that suspends, a plain function in a thread, a
+rate-limited handler) leaves the rounds and goes on alone in a Task of its own, so a slow
+step never holds up the rest of its batch. Rare outcomes (a failure, a delay) are written
+one by one.
 
 Handlers run outside any transaction. Each outcome is written under the claim's epoch;
 a write that does not apply means the claim was lost, and the run stops there quietly.
@@ -7,24 +15,22 @@ a write that does not apply means the claim was lost, and the run stops there qu
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import orjson
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from orch8.engine.backoff import backoff_ms
+from orch8.engine.calls import Caller, Outcome
 from orch8.engine.committer import StepCommitter
 from orch8.engine.limits import LimitWatch
 from orch8.engine.stats import WorkerStats
 from orch8.handlers.context import StepContext
-from orch8.handlers.registry import HandlerError, Registry
+from orch8.handlers.registry import Registry
 from orch8.model import Step
 from orch8.store import claims, rate_limits
 from orch8.store.claims import Claimed, StepDone
@@ -33,18 +39,42 @@ from orch8.store.sequences import Sequence, get_sequence
 log = logging.getLogger("orch8.engine.executor")
 
 T = TypeVar("T")
-MAX_ERROR_CHARS = 4000
 WRITE_RETRY_S = (0.1, 0.5, 1.0, 2.0, 5.0)
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """What one handler call came to: an output, or an error and whether to retry."""
+@dataclass(slots=True)
+class _Run:
+    """Where one claimed instance is: its next step, and what earlier steps returned."""
 
-    output_json: str | None = None
-    output: dict[str, Any] | None = None
-    error: str | None = None
-    retryable: bool = True
+    claimed: Claimed
+    sequence: Sequence
+    outputs: dict[str, Any]
+    index: int
+    attempt: int
+    delay_done: bool
+    ran_a_step: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return self.index >= len(self.sequence.steps)
+
+    @property
+    def step(self) -> Step:
+        return self.sequence.steps[self.index]
+
+    def context(self) -> StepContext:
+        return StepContext(self.claimed.id, self.sequence.name, self.step.id, self.attempt + 1,
+                           self.claimed.input, dict(self.outputs))
+
+    def done(self, outcome: Outcome) -> StepDone:
+        """The fenced record of this step's success."""
+        return StepDone(self.claimed.id, self.claimed.epoch, self.step.id, self.attempt + 1,
+                        outcome.output_json or "{}", self.index + 1,
+                        self.index + 1 == len(self.sequence.steps))
+
+    def advance(self, output: dict[str, Any] | None) -> None:
+        self.outputs[self.step.id] = output
+        self.index, self.attempt, self.delay_done, self.ran_a_step = self.index + 1, 0, False, True
 
 
 class Executor:
@@ -62,79 +92,147 @@ class Executor:
         self._committer = committer
         self._registry = registry
         self._stats = stats
-        self._threads = threads
+        self._caller = Caller(stats, threads, registry.unknown)
         self._is_draining = is_draining
         self._limits = limits
         # Definitions are immutable per (name, version), so caching them forever is safe.
         self._sequences: dict[tuple[str, int], Sequence] = {}
 
     async def run(self, claimed: Claimed) -> None:
-        """Run the instance's steps until it leaves this worker's hands."""
-        sequence = await self._sequence(claimed.sequence_name, claimed.sequence_version)
-        outputs: dict[str, Any] = {}
-        if claimed.step_index > 0:
-            outputs = await self._with_connection(claims.load_outputs, claimed.id)
-        index, attempt, delay_done = claimed.step_index, claimed.attempt, claimed.delay_done
-        ran_a_step = False
-        while index < len(sequence.steps):
-            step = sequence.steps[index]
-            if step.delay_ms and not delay_done:
-                await self._fenced("delayed", claims.wait, claimed, step.delay_ms)
-                return
-            if ran_a_step and self._is_draining():
-                # Draining: the step in flight has finished; the rest runs on another node.
-                await self._fenced("released", _release_one, claimed)
-                return
-            admitted, on_start = await self._admit(claimed, step)
-            if not admitted:
-                return
-            context = StepContext(claimed.id, sequence.name, step.id, attempt + 1,
-                                  claimed.input, dict(outputs))
-            outcome = await self.call(step, context, on_start)
-            ran_a_step = True
-            if outcome.error is not None:
-                await self._record_failure(claimed, step, attempt + 1, outcome)
-                return
-            last = index + 1 == len(sequence.steps)
-            done = StepDone(claimed.id, claimed.epoch, step.id, attempt + 1,
-                            outcome.output_json or "{}", index + 1, last)
-            if not await self._finish_step(done):
-                return
-            outputs[step.id] = outcome.output
-            index, attempt, delay_done = index + 1, 0, False
-        self._stats.add("completed")
+        """Run one instance's steps until it leaves this worker's hands."""
+        await self.run_batch([claimed], lambda count: None)
 
-    async def call(self, step: Step, context: StepContext,
-                   on_start: Callable[[], None] | None = None) -> Outcome:
-        """Call the step's handler with its timeout; any exception becomes an `Outcome`.
+    async def run_batch(self, batch: list[Claimed], left: Callable[[int], None]) -> None:
+        """Run a claimed batch until every instance in it has left this worker's hands.
 
-        `on_start`, if given, runs on the event loop once the handler has really started
-        (a rate-limited call stamps its start time with it).
+        `left(n)` is told each time n of them have (completed, failed, waiting, released
+        or lost); a cancel stops them all where they are, for the caller to release.
         """
-        handler = self._registry.get(step.handler)
-        if handler is None:
-            return Outcome(error=self._registry.unknown(step.handler), retryable=False)
-        function = handler.function if on_start is None else _announcing(
-            handler.function, handler.is_async, on_start)
-        started = time.perf_counter()
+        alone: list[asyncio.Task[None]] = []
         try:
-            if handler.is_async:
-                pending: Awaitable[Any] = function(context, step.params)
-            else:
-                call = functools.partial(function, context, step.params)
-                pending = asyncio.get_running_loop().run_in_executor(self._threads, call)
-            timeout = step.timeout_ms / 1000 if step.timeout_ms else None
-            result = await asyncio.wait_for(pending, timeout)
-        except TimeoutError:
-            return Outcome(error=f"step {step.id} timed out after {step.timeout_ms} ms")
-        except HandlerError as error:
-            return Outcome(error=str(error)[:MAX_ERROR_CHARS], retryable=error.retryable)
-        except Exception as error:
-            return Outcome(error=f"{type(error).__name__}: {error}"[:MAX_ERROR_CHARS])
+            runs = await self._prepare(batch)
+            while runs:
+                runs = await self._round(runs, alone, left)
+            if alone:
+                await asyncio.gather(*alone)
         finally:
-            self._stats.add("steps_executed")
-            self._stats.step_seconds.append(time.perf_counter() - started)
-        return _output(result)
+            for task in alone:
+                task.cancel()
+            if alone:
+                await asyncio.gather(*alone, return_exceptions=True)
+
+    async def _prepare(self, batch: list[Claimed]) -> list[_Run]:
+        resumed = [claimed.id for claimed in batch if claimed.step_index > 0]
+        outputs = await self._with_connection(claims.load_outputs, resumed) if resumed else {}
+        runs = []
+        for claimed in batch:
+            sequence = await self._sequence(claimed.sequence_name, claimed.sequence_version)
+            runs.append(_Run(claimed, sequence, outputs.get(claimed.id, {}), claimed.step_index,
+                             claimed.attempt, claimed.delay_done))
+        return runs
+
+    async def _round(self, runs: list[_Run], alone: list[asyncio.Task[None]],
+                     left: Callable[[int], None]) -> list[_Run]:
+        """Start every run's current step; record what came straight back; return the
+        runs that go on to another round."""
+        waiting, releasing, starting = self._sort(runs)
+        returned: list[tuple[_Run, Outcome]] = []
+        handed_off = 0
+        for run in starting:
+            handler = self._registry.get(run.step.handler)
+            if handler is not None and (not handler.is_async or self._limited(run.step)):
+                pending: Awaitable[Outcome] | None = None
+            else:
+                outcome = self._caller.call_now(handler, run.step, run.context())
+                if isinstance(outcome, Outcome):
+                    returned.append((run, outcome))
+                    continue
+                pending = outcome  # it suspended: the rest of its call goes on alone
+            alone.append(asyncio.create_task(self._run_alone(run, pending, left)))
+            handed_off += 1
+        going_on = await self._record(returned)
+        for run in waiting:
+            await self._fenced("delayed", claims.wait, run.claimed, run.step.delay_ms)
+        if releasing:
+            await self._release(releasing)
+        left(len(runs) - len(going_on) - handed_off)
+        return going_on
+
+    def _sort(self, runs: list[_Run]) -> tuple[list[_Run], list[_Run], list[_Run]]:
+        """Split runs into those that wait out a delay, those a drain gives back after the
+        step they ran, and those whose step starts now."""
+        draining = self._is_draining()
+        waiting, releasing, starting = [], [], []
+        for run in runs:
+            if run.finished:
+                self._stats.add("completed")
+            elif run.step.delay_ms and not run.delay_done:
+                waiting.append(run)
+            elif run.ran_a_step and draining:
+                releasing.append(run)
+            else:
+                starting.append(run)
+        return waiting, releasing, starting
+
+    async def _record(self, returned: list[tuple[_Run, Outcome]]) -> list[_Run]:
+        """Write the round's outcomes: its successes in one fenced statement, failures one
+        by one. Return the runs that have steps left."""
+        succeeded = []
+        for run, outcome in returned:
+            if outcome.error is None:
+                succeeded.append((run, outcome))
+            else:
+                await self._record_failure(run.claimed, run.step, run.attempt + 1, outcome)
+        if not succeeded:
+            return []
+        applied = await self._finish_steps([run.done(outcome) for run, outcome in succeeded])
+        going_on, completed = [], 0
+        for run, outcome in succeeded:
+            if run.claimed.id not in applied:
+                self._lost(run, run.step)
+                continue
+            run.advance(outcome.output)
+            if run.finished:
+                completed += 1
+            else:
+                going_on.append(run)
+        self._stats.add("completed", completed)
+        return going_on
+
+    async def _run_alone(self, run: _Run, pending: Awaitable[Outcome] | None,
+                         left: Callable[[int], None]) -> None:
+        """Go on with one instance by itself, from `pending` (a call already started) or
+        from its current step, until it leaves this worker's hands."""
+        while not run.finished:
+            step = run.step
+            if pending is not None:
+                outcome, pending = await pending, None
+            elif step.delay_ms and not run.delay_done:
+                await self._fenced("delayed", claims.wait, run.claimed, step.delay_ms)
+                break
+            elif run.ran_a_step and self._is_draining():
+                # Draining: the step in flight has finished; the rest runs on another node.
+                await self._release([run])
+                break
+            else:
+                admitted, on_start = await self._admit(run.claimed, step)
+                if not admitted:
+                    break
+                handler = self._registry.get(step.handler)
+                outcome = await self._caller.call(handler, step, run.context(), on_start)
+            if outcome.error is not None:
+                await self._record_failure(run.claimed, step, run.attempt + 1, outcome)
+                break
+            if run.claimed.id not in await self._finish_steps([run.done(outcome)]):
+                self._lost(run, step)
+                break
+            run.advance(outcome.output)
+        else:
+            self._stats.add("completed")
+        left(1)
+
+    def _limited(self, step: Step) -> bool:
+        return self._limits is not None and self._limits.applies(step.handler)
 
     async def _admit(
         self, claimed: Claimed, step: Step
@@ -168,27 +266,51 @@ class Executor:
         else:
             await self._fenced("failed", claims.fail, claimed, error)
 
-    async def _finish_step(self, done: StepDone) -> bool:
-        tries = 0
+    async def _finish_steps(self, done: list[StepDone]) -> set[Any]:
+        """Record step successes (group commit); return the ids whose fence held.
 
-        async def attempt() -> bool:
+        A write whose reply was lost (the database went away mid-statement) may still have
+        committed. Before it is sent again, and once more if the fence then refuses some,
+        the steps already recorded under their claims are looked up: an outcome is never
+        applied twice, nor reported lost when it landed.
+        """
+        tries = 0
+        recorded: set[Any] = set()
+
+        async def attempt() -> set[Any]:
             nonlocal tries
             tries += 1
-            if tries > 1 and await self._recorded(done):
-                return True  # the failed write had committed; its reply was lost
-            return await self._committer.finish(done)
+            pending = done
+            if tries > 1:
+                recorded.update(await self._recorded(done))
+                pending = [d for d in done if d.id not in recorded]
+                if not pending:
+                    return set()
+            return await self._committer.finish_many(pending)
 
-        applied = await self._retrying(attempt)
-        if not applied and tries > 1:  # a write lost in flight may have landed meanwhile
-            applied = await self._recorded(done)
-        if not applied:  # counted by the committer, which sees even a cancelled caller's
-            log.warning("instance %s: claim lost before step %s was recorded; dropped",
-                        done.id, done.step_id)
+        applied = await self._retrying(attempt) | recorded
+        if tries > 1 and len(applied) < len(done):
+            applied |= await self._recorded([d for d in done if d.id not in applied])
         return applied
 
-    async def _recorded(self, done: StepDone) -> bool:
+    def _lost(self, run: _Run, step: Step) -> None:
+        # Counted by the committer, which sees even a cancelled caller's refused outcome.
+        log.warning("instance %s: claim lost before step %s was recorded; dropped",
+                    run.claimed.id, step.id)
+
+    async def _release(self, runs: list[_Run]) -> None:
+        """Give back instances a drain stopped between steps (fenced, one statement)."""
+        released = await self._with_connection(
+            claims.release_unstarted, [run.claimed for run in runs])
+        self._stats.add("released", released)
+        if released < len(runs):
+            self._stats.add("fenced_rejected", len(runs) - released)
+            log.warning("%d instances: claim lost; release dropped", len(runs) - released)
+
+    async def _recorded(self, done: list[StepDone]) -> set[Any]:
+        """The ids of `done` whose step an earlier write already recorded."""
         async with self._pool.connection() as conn:
-            return await claims.step_recorded(conn, done)
+            return {d.id for d in done if await claims.step_recorded(conn, d)}
 
     async def _fenced(
         self, counter: str, write: Callable[..., Awaitable[bool]], *args: Any
@@ -227,39 +349,3 @@ class Executor:
             self._sequences[key] = await self._with_connection(
                 get_sequence(name, version).run_async)
         return self._sequences[key]
-
-
-async def _release_one(conn: Any, claimed: Claimed) -> bool:
-    return await claims.release_unstarted(conn, [claimed]) == 1
-
-
-def _announcing(function: Any, is_async: bool, on_start: Callable[[], None]) -> Any:
-    """`function`, calling `on_start` on the event loop as it starts (from any thread)."""
-    if is_async:
-        async def announced_async(*args: Any) -> Any:
-            on_start()
-            return await function(*args)
-
-        return announced_async
-    loop = asyncio.get_running_loop()
-
-    def announced(*args: Any) -> Any:
-        loop.call_soon_threadsafe(on_start)
-        return function(*args)
-
-    return announced
-
-
-def _output(result: Any) -> Outcome:
-    """Handlers return a dict (None counts as {}); anything else is the handler's bug."""
-    if result is None:
-        result = {}
-    if not isinstance(result, dict):
-        return Outcome(error=f"handler returned {type(result).__name__}, not a dict",
-                       retryable=False)
-    try:
-        encoded = orjson.dumps(result).decode()
-    except TypeError as error:
-        return Outcome(error=f"handler output is not JSON-serialisable: {error}",
-                       retryable=False)
-    return Outcome(output_json=encoded, output=result)

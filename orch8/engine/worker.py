@@ -2,7 +2,8 @@
 
 Every `tick_interval_ms`, or at once when a NOTIFY says work arrived or a slot frees up
 while a backlog exists, it claims up to `min(batch_size, free slots)` due instances and
-runs each in its own task. Polling is the source of truth; NOTIFY only shortens the wait.
+runs them as one batch, in one task (see `executor`). Polling is the source of truth;
+NOTIFY only shortens the wait.
 
 Stopping: `stop` set -> stop claiming; in-flight instances finish the step they are in and
 release the rest of their run; after `drain_timeout_s` (or at once after `hurry()`), what
@@ -58,7 +59,9 @@ class Worker:
         self.stats = stats or WorkerStats()
         self._dsn = dsn
         self._registry = registry or default_registry
-        self._running: dict[asyncio.Task[None], Claimed] = {}
+        # Each running batch, and how many of its instances are still in this worker's hands.
+        self._running: dict[asyncio.Task[None], _Batch] = {}
+        self._in_flight = 0
         self._wake = asyncio.Event()
         self._hurry = asyncio.Event()
         self._draining = False
@@ -75,7 +78,7 @@ class Worker:
     @property
     def in_flight(self) -> int:
         """Instances this worker is running now."""
-        return len(self._running)
+        return self._in_flight
 
     @property
     def free_slots(self) -> int:
@@ -131,11 +134,15 @@ class Worker:
             claimed = await claims.claim(conn, self.owner, limit)
         self._last_claim_full = len(claimed) == limit
         self.stats.add("claimed", len(claimed))
-        for instance in claimed:
-            self.stats.claim_lateness_seconds.append(max(0.0, instance.lateness_s))
-            task = asyncio.create_task(executor.run(instance), name=f"instance-{instance.id}")
-            self._running[task] = instance
-            task.add_done_callback(self._on_done)
+        if not claimed:
+            return 0
+        self.stats.claim_lateness_seconds.extend(max(0.0, c.lateness_s) for c in claimed)
+        batch = _Batch(claimed, len(claimed))
+        self._in_flight += len(claimed)
+        task = asyncio.create_task(executor.run_batch(claimed, batch.left_callback(self._left)),
+                                   name=f"batch-{claimed[0].id}")
+        self._running[task] = batch
+        task.add_done_callback(self._on_done)
         return len(claimed)
 
     async def _claim_loop(self, pool: AsyncConnectionPool, executor: Executor,
@@ -154,17 +161,24 @@ class Worker:
                 continue  # a backlog: claim again straight away
             await wait_any(stop, self._wake, timeout=tick)
 
-    def _on_done(self, task: asyncio.Task[None]) -> None:
-        instance = self._running.pop(task)
-        if not task.cancelled() and task.exception() is not None:
-            # Only a bug or a lasting database outage gets here. The claim must not stay
-            # with a live worker forever: release it (fenced) on the next tick.
-            log.error("instance %s: run ended with %r", instance.id, task.exception())
-            self._orphans.append(instance)
+    def _left(self, count: int) -> None:
+        """`count` instances left this worker's hands."""
+        self._in_flight -= count
         # With a backlog, claim again once half a batch of slots is free: waking for every
         # single free slot would turn one claim of 50 into 50 claims of 1.
-        if not self._running or (self._last_claim_full and self.free_slots >= self._refill_at):
+        if not self._in_flight or (self._last_claim_full and self.free_slots >= self._refill_at):
             self._wake.set()
+
+    def _on_done(self, task: asyncio.Task[None]) -> None:
+        batch = self._running.pop(task)
+        if not task.cancelled() and task.exception() is not None:
+            # Only a bug or a lasting database outage gets here. The claims must not stay
+            # with a live worker forever: release them (fenced: those that already left
+            # are untouched) on the next tick.
+            log.error("batch of %d: run ended with %r", len(batch.claims), task.exception())
+            self._orphans += batch.claims
+        if batch.remaining:
+            self._left(batch.take_remaining())
 
     async def _release_orphans(self, pool: AsyncConnectionPool) -> None:
         orphans, self._orphans = self._orphans, []
@@ -194,11 +208,13 @@ class Worker:
         # Outcomes of steps that finished are written (or refused, and counted) before the
         # claims go back: a finished step must not run again because we stopped.
         await committer.flush()
+        # The fence leaves alone those of a batch that already completed or moved on.
         unfinished, kept = list(self._orphans), list[Claimed]()
         still_running = self._still_running()
-        for task, instance in left.items():
-            stopped = task.done() and instance.id not in still_running
-            (unfinished if stopped else kept).append(instance)
+        for task, batch in left.items():
+            for instance in batch.claims:
+                stopped = task.done() and instance.id not in still_running
+                (unfinished if stopped else kept).append(instance)
         if kept:
             log.warning("stopping: %d handlers still running cannot be stopped; their claims "
                         "go back once this process has exited", len(kept))
@@ -221,3 +237,22 @@ class Worker:
                 log.debug("listen connection lost (%s); polling meanwhile", error)
                 await asyncio.sleep(1.0)
 
+
+
+class _Batch:
+    """One claimed batch in a worker's hands: its claims, and how many are still held."""
+
+    def __init__(self, claims: list[Claimed], remaining: int) -> None:
+        self.claims = claims
+        self.remaining = remaining
+
+    def left_callback(self, worker_left: Callable[[int], None]) -> Callable[[int], None]:
+        def left(count: int) -> None:
+            self.remaining -= count
+            worker_left(count)
+
+        return left
+
+    def take_remaining(self) -> int:
+        remaining, self.remaining = self.remaining, 0
+        return remaining

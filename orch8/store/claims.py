@@ -82,19 +82,36 @@ claimer AS MATERIALIZED (
 ), replaced AS (
     SELECT 1 FROM claimer WHERE incarnation <> %(incarnation)s OR state = 'dead'
 )"""
-CLAIM = f"""
-WITH {CLAIMER_REPLACED}, candidate AS MATERIALIZED (
+#
+# The candidate selection, shared by both claim statements: the one place that says
+# which due instances a claim may take, and in what order.
+CANDIDATES = """
     SELECT id, concurrency_key AS key, coalesce(max_concurrency, 1) AS cap, priority,
         next_fire_at
     FROM instances
     WHERE state = 'scheduled' AND NOT waiting_for_slot AND next_fire_at <= now()
       AND NOT EXISTS (SELECT 1 FROM replaced)
-      AND priority = ANY ('{{3,2,1,0}}'::smallint[])
+      AND priority = ANY ('{3,2,1,0}'::smallint[])
     ORDER BY priority DESC, next_fire_at
     LIMIT %(limit)s
     -- SKIP LOCKED: never wait on a row another worker is claiming; take the next one.
     FOR UPDATE SKIP LOCKED
-), slot AS MATERIALIZED (
+"""
+
+# What a claim sets and returns, the same in both statements.
+TAKE = """
+    SET state = 'running', claimed_by = %(node_id)s, claim_incarnation = %(incarnation)s,
+        claimed_slot = %(slot)s, claimed_at = now(), claim_epoch = i.claim_epoch + 1,
+        updated_at = now()
+"""
+TAKEN = """
+    RETURNING i.id, i.claim_epoch AS epoch, i.sequence_name, i.sequence_version, i.input,
+        i.step_index, i.attempt, i.delay_done, i.priority,
+        extract(epoch FROM now() - i.next_fire_at)::float8 AS lateness_s
+"""
+
+CLAIM = f"""
+WITH {CLAIMER_REPLACED}, candidate AS MATERIALIZED ({CANDIDATES}), slot AS MATERIALIZED (
     -- Locked rows come back as their latest committed version, whatever the snapshot.
     -- SKIP LOCKED: a slot another claim or a finishing instance holds is left alone.
     SELECT concurrency_key AS key, slot, instance_id
@@ -148,18 +165,25 @@ WITH {CLAIMER_REPLACED}, candidate AS MATERIALIZED (
     WHERE i.id = p.id
     RETURNING i.id
 ), claimed AS (
-    UPDATE instances i
-    SET state = 'running', claimed_by = %(node_id)s, claim_incarnation = %(incarnation)s,
-        claimed_slot = %(slot)s, claimed_at = now(), claim_epoch = i.claim_epoch + 1,
-        updated_at = now()
+    UPDATE instances i {TAKE}
     FROM (SELECT id FROM candidate WHERE key IS NULL UNION ALL SELECT id FROM seated) chosen
-    WHERE i.id = chosen.id
-    RETURNING i.id, i.claim_epoch AS epoch, i.sequence_name, i.sequence_version, i.input,
-        i.step_index, i.attempt, i.delay_done, i.priority,
-        extract(epoch FROM now() - i.next_fire_at)::float8 AS lateness_s
+    WHERE i.id = chosen.id {TAKEN}
 )
 SELECT claimed.*, parked.count AS parked
 FROM (SELECT count(*) FROM parking) AS parked LEFT JOIN claimed ON true
+"""
+
+# The common case, without the slot machinery: take the candidates that have no
+# concurrency key, and say how many have one. Those stay where they are (their row locks
+# end with this statement) for `CLAIM` to seat or park straight after.
+CLAIM_PLAIN = f"""
+WITH {CLAIMER_REPLACED}, candidate AS MATERIALIZED ({CANDIDATES}), claimed AS (
+    UPDATE instances i {TAKE}
+    FROM candidate
+    WHERE i.id = candidate.id AND candidate.key IS NULL {TAKEN}
+)
+SELECT claimed.*, keyed.count AS keyed
+FROM (SELECT count(*) FROM candidate WHERE key IS NOT NULL) AS keyed LEFT JOIN claimed ON true
 """
 
 # Rows parked by a claim took room in its batch without being started: claim again at
@@ -171,47 +195,73 @@ async def claim(conn: psycopg.AsyncConnection[Any], owner: Owner, limit: int) ->
     """Claim up to `limit` due instances, highest priority first, then oldest due.
 
     Keyed instances are claimed only into a free slot of their key; those that find the
-    key full are parked until a slot frees (see `CLAIM`).
+    key full are parked until a slot frees (see `CLAIM`). Only when the candidates hold a
+    keyed one does the claim pay for that machinery.
     """
+    claimed, keyed = await _claim_plain(conn, owner, limit)
+    if keyed:
+        claimed += await _claim_keyed(conn, owner, limit - len(claimed))
+    # RETURNING does not keep the scan's order; start the most urgent first.
+    claimed.sort(key=lambda c: (-c.priority, -c.lateness_s))
+    return claimed
+
+
+async def _claim_plain(
+    conn: psycopg.AsyncConnection[Any], owner: Owner, limit: int
+) -> tuple[list[Claimed], int]:
+    cursor = await conn.execute(CLAIM_PLAIN, _owner_params(owner) | {"limit": limit})
+    rows = await cursor.fetchall()
+    keyed = int(rows[0][-1]) if rows else 0
+    return [_claimed(row) for row in rows if row[0] is not None], keyed
+
+
+async def _claim_keyed(
+    conn: psycopg.AsyncConnection[Any], owner: Owner, limit: int
+) -> list[Claimed]:
     claimed: list[Claimed] = []
     for _ in range(CLAIM_ROUNDS):
         taken, parked = await _claim_round(conn, owner, limit - len(claimed))
         claimed += taken
         if not parked or len(claimed) >= limit:
             break
-    # RETURNING does not keep the scan's order; start the most urgent first.
-    claimed.sort(key=lambda c: (-c.priority, -c.lateness_s))
     return claimed
 
 
 async def _claim_round(
     conn: psycopg.AsyncConnection[Any], owner: Owner, limit: int
 ) -> tuple[list[Claimed], int]:
-    async with conn.cursor(row_factory=dict_row) as cursor:
-        await cursor.execute(CLAIM, _owner_params(owner) | {"limit": limit})
-        rows = await cursor.fetchall()
-    parked = int(rows[0]["parked"]) if rows else 0
-    claimed = [
-        Claimed(**({name: value for name, value in row.items() if name != "parked"}
-                   | {"priority": Priority(row["priority"])}))
-        for row in rows if row["id"] is not None
-    ]
-    return claimed, parked
+    cursor = await conn.execute(CLAIM, _owner_params(owner) | {"limit": limit})
+    rows = await cursor.fetchall()
+    parked = int(rows[0][-1]) if rows else 0
+    return [_claimed(row) for row in rows if row[0] is not None], parked
+
+
+def _claimed(row: tuple[Any, ...]) -> Claimed:
+    """A row of `TAKEN` (plus a trailing count), in its column order."""
+    (id_, epoch, name, version, input_, step_index, attempt, delay_done, priority,
+     lateness_s) = row[:10]
+    return Claimed(id_, epoch, name, version, input_, step_index, attempt, delay_done,
+                   Priority(priority), lateness_s)
 
 
 def _owner_params(owner: Owner) -> dict[str, Any]:
     return {"node_id": owner.node_id, "incarnation": owner.incarnation, "slot": owner.slot}
 
 
-OUTPUTS = "SELECT step_id, output FROM step_outputs WHERE instance_id = %(id)s"
+OUTPUTS = """
+SELECT instance_id, step_id, output FROM step_outputs WHERE instance_id = ANY (%(ids)s)
+"""
 
 
 async def load_outputs(
-    conn: psycopg.AsyncConnection[Any], instance_id: uuid.UUID
-) -> dict[str, Any]:
-    """Outputs of the steps an instance already finished (for a claim that resumes it)."""
-    cursor = await conn.execute(OUTPUTS, {"id": instance_id})
-    return {step_id: output for step_id, output in await cursor.fetchall()}
+    conn: psycopg.AsyncConnection[Any], instance_ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, dict[str, Any]]:
+    """Outputs of the steps instances already finished (for claims that resume them)."""
+    cursor = await conn.execute(OUTPUTS, {"ids": list(instance_ids)})
+    outputs: dict[uuid.UUID, dict[str, Any]] = {}
+    for instance_id, step_id, output in await cursor.fetchall():
+        outputs.setdefault(instance_id, {})[step_id] = output
+    return outputs
 
 
 @dataclass(frozen=True)
@@ -229,10 +279,10 @@ class StepDone:
 
 # Group commit: many instances' step outcomes in one statement. The UPDATE is the fence
 # (epoch and state must still match); only rows it updated get their output inserted.
-# The state test is written `IS TRUE` so that no index on `state` can serve it (the
-# partial index of running claims would match a plain `state = 'running'`): rows are
-# found by id through the primary key only, however many run elsewhere and whatever the
-# statistics say (stale ones once made this read every running row per batch).
+# Its rows are found by their ids alone, through the primary key: the state test is
+# written so that no index can serve it (`IS TRUE`), because statistics that say no row
+# is running made the planner read every running row through a state index instead,
+# a cost that grew with the cluster's load rather than with the batch.
 # The batch travels as one JSON document: encoding it with orjson costs far less than
 # adapting seven parameter arrays element by element.
 FINISH_STEPS = """
@@ -247,7 +297,8 @@ WITH done AS (
         finished_at = CASE WHEN d.last THEN now() END
     FROM done d
     -- The step index too: a write retried after its reply was lost must not apply twice.
-    WHERE i.id = d.id AND i.claim_epoch = d.epoch AND (i.state = 'running') IS TRUE
+    WHERE i.id = ANY (ARRAY(SELECT id FROM done)) AND i.id = d.id
+      AND i.claim_epoch = d.epoch AND (i.state = 'running') IS TRUE
       AND i.step_index = d.next_index - 1
     RETURNING i.id
 ), recorded AS (
