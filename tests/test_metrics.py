@@ -12,8 +12,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
+import psycopg
 import pytest
 from api_helpers import Node, command_line, database, descendants, running_node, wait_for
+from handlers_for_tests import EXECUTIONS_TABLE
 from prometheus_client.parser import text_string_to_metric_families
 from psycopg_pool import AsyncConnectionPool
 
@@ -53,9 +55,13 @@ def eventually(check: Callable[[], Samples], condition: Callable[[Samples], bool
 @pytest.fixture(scope="module")
 def node(server_dsn: str, template_name: str,
          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
-    with database(server_dsn, template_name) as dsn, running_node(
-            dsn, tmp_path_factory.mktemp("metrics"), ORCH8_WORKERS="2") as node:
-        yield node
+    with database(server_dsn, template_name) as dsn:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(EXECUTIONS_TABLE)
+        with running_node(dsn, tmp_path_factory.mktemp("metrics"), ORCH8_WORKERS="2",
+                          ORCH8_HANDLERS="handlers_for_tests",
+                          PYTHONPATH=str(Path(__file__).parent)) as node:
+            yield node
 
 
 def run_batch(client: httpx.Client, plain: int, doomed: int, flaky: int) -> list[str]:
@@ -77,7 +83,8 @@ def test_metrics_match_what_ran(node: Node) -> None:
             "doomed": [{"id": "a", "handler": "fail", "params": {"retryable": False}}],
             "flaky": [{"id": "a", "handler": "fail", "retry": {
                 "max_attempts": 2, "initial_backoff_ms": 10, "max_backoff_ms": 10}}],
-            "nap": [{"id": "a", "handler": "sleep", "params": {"ms": 600_000}}],
+            # `record` writes a row as it starts: the test kills the worker only then.
+            "nap": [{"id": "a", "handler": "record", "params": {"ms": 600_000}}],
         }.items():
             assert client.post("/sequences", json={"name": name, "steps": steps}
                                ).status_code == 201
@@ -123,7 +130,7 @@ def test_metrics_match_what_ran(node: Node) -> None:
         created = client.post("/instances", json={"sequence": "nap"})
         assert created.status_code == 201, created.text
         nap = created.json()["id"]
-        wait_for(client, nap, states=("running",))
+        assert eventually(lambda: executions(node, nap), bool)  # type: ignore[arg-type]
         for pid in worker_pids(node):
             os.kill(pid, signal.SIGKILL)
         late = eventually(lambda: scrape(client), lambda s: value(
@@ -132,6 +139,13 @@ def test_metrics_match_what_ran(node: Node) -> None:
         assert value(late, "orch8_worker_deaths_total") >= 1
         settled = wait_for(client, nap, states=("failed",))
         assert "killed by SIGKILL" in settled["last_error"]
+
+
+def executions(node: Node, instance_id: str) -> int:
+    with psycopg.connect(node.dsn) as conn:
+        row = conn.execute("SELECT count(*) FROM test_executions WHERE instance_id = %s",
+                           (instance_id,)).fetchone()
+    return int(row[0]) if row else 0
 
 
 def worker_pids(node: Node) -> list[int]:
