@@ -23,7 +23,8 @@ LATER = 3_600_000  # delay_ms that keeps an instance scheduled for the whole tes
 def node(server_dsn: str, template_name: str,
          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     with database(server_dsn, template_name) as dsn, running_node(
-            dsn, tmp_path_factory.mktemp("node"), ORCH8_MAX_IN_FLIGHT="1") as node:
+            dsn, tmp_path_factory.mktemp("node"), ORCH8_MAX_IN_FLIGHT="1",
+            ORCH8_BATCH_SIZE="1") as node:
         yield node
 
 

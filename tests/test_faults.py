@@ -39,7 +39,6 @@ from orch8 import Client
 
 pytestmark = pytest.mark.faults
 
-FIXED_IN_PROGRESS = "fixed by the issue-17/fault-1/fault-2 work"
 
 
 @pytest.fixture
@@ -267,7 +266,6 @@ def test_second_signal_stops_a_drain_now(runs: Any) -> None:
     assert code == 0 and seconds < 15, f"exit {code} after {seconds:.1f}s"
 
 
-@pytest.mark.xfail(strict=True, reason=FIXED_IN_PROGRESS)
 def test_blocking_handler_cannot_outlast_the_drain_timeout(runs: Any) -> None:
     timeout = 2.0
     run: FaultRun = runs(ORCH8_DRAIN_TIMEOUT_SECS=str(timeout))
@@ -345,7 +343,6 @@ def first_not_ready(watch: ReadyWatch, node_id: str, after: float) -> float:
 
 # -- 7 ------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason=FIXED_IN_PROGRESS)
 def test_poison_instance_reaches_the_dead_letter(runs: Any) -> None:
     run: FaultRun = runs()
     a = run.start("a")
@@ -430,7 +427,6 @@ def peak_in_window(run: FaultRun, ids: list[Any], window_s: float) -> int:
 
 # -- 9 ------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason=FIXED_IN_PROGRESS)
 def test_second_process_with_a_live_node_id_is_refused(runs: Any) -> None:
     run: FaultRun = runs()
     holder = run.start("twin")
