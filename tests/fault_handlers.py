@@ -76,12 +76,21 @@ async def ledger(ctx: StepContext, params: dict[str, Any]) -> dict[str, Any]:
             "pid": os.getpid()}
 
 
+# How often a blocking handler proves it still runs.
+TICK_S = 0.05
+
+
 @handler("ledger_blocking")
 def ledger_blocking(ctx: StepContext, params: dict[str, Any]) -> dict[str, Any]:
-    """A plain (non-async) handler that blocks its thread for `params.ms`."""
+    """A plain (non-async) handler that blocks its thread for `params.ms`, writing a `tick`
+    line every 50 ms while it runs: a test reads from the ledger until when it really ran
+    (a process that dies takes its handler thread with it, and writes no `end`)."""
     claim = claim_now(ctx)
     append("start", ctx, claim)
-    time.sleep(params.get("ms", 0) / 1000)
+    deadline = time.monotonic() + params.get("ms", 0) / 1000
+    while (left := deadline - time.monotonic()) > 0:
+        time.sleep(min(TICK_S, left))
+        append("tick", ctx, claim)
     append("end", ctx, claim)
     return {"node": os.environ.get("ORCH8_NODE_ID"), "incarnation": claim[0],
             "pid": os.getpid()}

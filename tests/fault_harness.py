@@ -67,16 +67,21 @@ CREATE TRIGGER test_audit_claim AFTER UPDATE ON instances
     FOR EACH ROW EXECUTE FUNCTION test_audit_claim();
 """
 
+# A worker that dies mid-step has its running steps charged an attempt (orch8 cannot tell
+# which of them killed it): with a retry policy they run again, as a kill here expects.
+RETRY = {"max_attempts": 5, "initial_backoff_ms": 50, "max_backoff_ms": 200}
+
 SEQUENCES = {
     # Two short steps: the common path.
-    "pair": [{"id": "a", "handler": "ledger", "params": {"ms": 20}},
-             {"id": "b", "handler": "ledger", "params": {"ms": 20}}],
+    "pair": [{"id": "a", "handler": "ledger", "params": {"ms": 20}, "retry": RETRY},
+             {"id": "b", "handler": "ledger", "params": {"ms": 20}, "retry": RETRY}],
     # Steps long enough that a node always holds claims when it is hit.
-    "slow": [{"id": "a", "handler": "ledger", "params": {"ms": 400}},
-             {"id": "b", "handler": "ledger", "params": {"ms": 400}}],
+    "slow": [{"id": "a", "handler": "ledger", "params": {"ms": 400}, "retry": RETRY},
+             {"id": "b", "handler": "ledger", "params": {"ms": 400}, "retry": RETRY}],
     # A durable delay between the steps.
-    "delayed": [{"id": "a", "handler": "ledger", "params": {"ms": 10}},
-                {"id": "b", "handler": "ledger", "delay_ms": 300, "params": {"ms": 10}}],
+    "delayed": [{"id": "a", "handler": "ledger", "params": {"ms": 10}, "retry": RETRY},
+                {"id": "b", "handler": "ledger", "delay_ms": 300, "params": {"ms": 10},
+                 "retry": RETRY}],
 }
 
 # Scheduling slack on top of a bound, for a loaded 2-core CI machine (printed with it).
