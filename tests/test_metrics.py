@@ -131,8 +131,9 @@ def test_metrics_match_what_ran(node: Node) -> None:
         assert created.status_code == 201, created.text
         nap = created.json()["id"]
         assert eventually(lambda: executions(node, nap), bool)  # type: ignore[arg-type]
-        for pid in worker_pids(node):
-            os.kill(pid, signal.SIGKILL)
+        # The worker that runs it, by the pid its handler wrote (not by a process listing,
+        # which can miss a worker that has just been restarted).
+        os.kill(executor_pid(node, nap), signal.SIGKILL)
         late = eventually(lambda: scrape(client), lambda s: value(
             s, "orch8_instances_failed_total") > failed)
         assert value(late, "orch8_instances_failed_total") == failed + 1
@@ -146,6 +147,14 @@ def executions(node: Node, instance_id: str) -> int:
         row = conn.execute("SELECT count(*) FROM test_executions WHERE instance_id = %s",
                            (instance_id,)).fetchone()
     return int(row[0]) if row else 0
+
+
+def executor_pid(node: Node, instance_id: str) -> int:
+    with psycopg.connect(node.dsn) as conn:
+        row = conn.execute("SELECT pid FROM test_executions WHERE instance_id = %s",
+                           (instance_id,)).fetchone()
+    assert row is not None
+    return int(row[0])
 
 
 def worker_pids(node: Node) -> list[int]:
