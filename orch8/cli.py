@@ -27,6 +27,7 @@ import orjson
 import psycopg
 
 from orch8 import commands, rollout
+from orch8.commands import seconds_argument
 from orch8.config import Settings
 from orch8.database import redact, resolve_dsn
 from orch8.errors import Orch8Error
@@ -73,7 +74,7 @@ def _add_cluster(top: Any, common: list[argparse.ArgumentParser]) -> None:
     drain = top.add_parser("drain", parents=common, help="drain a node (stop claiming, leave)")
     drain.add_argument("node", metavar="NODE")
     drain.add_argument("--wait", action="store_true", help="return once the node has left")
-    drain.add_argument("--timeout", type=_seconds, default=600.0, metavar="SECONDS")
+    drain.add_argument("--timeout", type=seconds_argument, default=600.0, metavar="SECONDS")
     drain.set_defaults(run=commands.drain)
     queue = top.add_parser("queue", parents=common, help="due instances, by priority")
     queue.set_defaults(run=commands.queue)
@@ -101,7 +102,7 @@ def _add_instances(top: Any, common: list[argparse.ArgumentParser]) -> None:
     run.add_argument("--idempotency-key", metavar="KEY")
     run.add_argument("--delay-ms", type=_positive, metavar="MS", help="start this much later")
     run.add_argument("--wait", action="store_true", help="follow it until it finishes")
-    run.add_argument("--timeout", type=_seconds, default=600.0, metavar="SECONDS")
+    run.add_argument("--timeout", type=seconds_argument, default=600.0, metavar="SECONDS")
     run.set_defaults(run=commands.run)
     instances = top.add_parser("instances", help="workflow runs")
     verbs = instances.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
@@ -150,16 +151,6 @@ def _positive(raw: str) -> int:
     if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= 2**31 - 1:
         raise argparse.ArgumentTypeError(f"{raw!r} is not a positive integer")
     return int(raw)
-
-
-def _seconds(raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not 0 < value <= 86_400:
-        raise argparse.ArgumentTypeError(f"{raw!r} is not a number of seconds (0-86400]")
-    return value
 
 
 def run_migrate(args: argparse.Namespace) -> int:

@@ -239,3 +239,14 @@ def delete_rate_limit(args: argparse.Namespace, remote: Remote) -> int:
     _show(args, {"handler": args.handler, "deleted": True},
           f"rate limit on {args.handler} removed")
     return EXIT_OK
+
+
+def seconds_argument(raw: str) -> float:
+    """An argparse type: a number of seconds in (0, 86400], or a one-line usage error."""
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 86_400:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a number of seconds (0-86400]")
+    return value

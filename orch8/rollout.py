@@ -33,7 +33,7 @@ from typing import Any
 import orjson
 
 from orch8 import tables
-from orch8.commands import CommandUsageError
+from orch8.commands import CommandUsageError, seconds_argument
 from orch8.errors import Orch8Error
 from orch8.remote import Remote, RemoteError
 
@@ -101,11 +101,11 @@ def add_command(top: Any) -> None:
              "e.g. 'ssh {host} sudo systemctl restart orch8'")
     add("--min-ready", type=_count, default=1, metavar="N",
         help="other nodes that must be ready before a node is drained (default 1)")
-    add("--drain-timeout", type=_seconds, default=330.0, metavar="SECONDS",
+    add("--drain-timeout", type=seconds_argument, default=330.0, metavar="SECONDS",
         help="longest wait for a drained node to leave (default 330)")
-    add("--ready-timeout", type=_seconds, default=120.0, metavar="SECONDS",
+    add("--ready-timeout", type=seconds_argument, default=120.0, metavar="SECONDS",
         help="longest wait for a restarted node to be ready (default 120)")
-    add("--restart-timeout", type=_seconds, default=600.0, metavar="SECONDS",
+    add("--restart-timeout", type=seconds_argument, default=600.0, metavar="SECONDS",
         help="longest run of the restart command (default 600)")
     add("--dry-run", action="store_true", help="show the plan and each node's readiness; "
                                                "drain and restart nothing")
@@ -142,16 +142,6 @@ def _count(raw: str) -> int:
     if not (raw.isascii() and raw.isdigit()) or int(raw) > 1000:
         raise argparse.ArgumentTypeError(f"{raw!r} is not a count (0-1000)")
     return int(raw)
-
-
-def _seconds(raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not 0 < value <= 86_400:
-        raise argparse.ArgumentTypeError(f"{raw!r} is not a number of seconds (0-86400]")
-    return value
 
 
 def run(args: argparse.Namespace, _remote: Remote) -> int:

@@ -29,6 +29,7 @@ from orch8.errors import ConfigError
 from orch8.handlers import load_modules
 from orch8.handlers.registry import default_registry
 from orch8.store.claims import Owner
+from supervisor import processes
 from supervisor.protocol import BootFailed, Drain, Hurry, ProtocolError, Report, decode, encode
 from supervisor.running import RunningTable, tracked
 
@@ -184,19 +185,10 @@ async def _report(start: WorkerStart, worker: Worker, control: _Control,
     while True:
         control.send_report(start.slot)
         # Under a forkserver our parent is the server, which exits with the supervisor.
-        if os.getppid() != parent or not _alive(start.supervisor_pid):
+        if os.getppid() != parent or not processes.exists(start.supervisor_pid):
             control.orphan("the supervisor process is gone")
         await asyncio.sleep(REPORT_INTERVAL_S)
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _send(pipe: Connection, message: Report | BootFailed) -> bool:

@@ -29,6 +29,7 @@ from orch8.config import Settings
 from orch8.events import wait_any
 from orch8.store import nodes
 from orch8.store.nodes import Holder, Registration
+from supervisor import processes
 
 log = logging.getLogger("orch8.supervisor.heartbeat")
 
@@ -188,10 +189,4 @@ def exited_here(holder: Holder) -> bool:
         return False
     if holder.pid == os.getpid():
         return True
-    try:
-        os.kill(holder.pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
+    return not processes.exists(holder.pid)

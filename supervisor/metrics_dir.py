@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 from orch8.engine.stats import METRICS_DIR_VARIABLE
+from supervisor import processes
 
 PREFIX = "orch8-metrics-"
 _LEFT_BEHIND = re.compile(rf"^{PREFIX}(\d+)-")
@@ -44,15 +45,6 @@ def remove_left_behind() -> None:
             mine = entry.is_dir() and entry.stat().st_uid == os.getuid()
         except OSError:
             continue
-        if match and mine and not _running(int(match.group(1))):
+        if match and mine and not processes.exists(int(match.group(1))):
             remove(str(entry))
 
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
