@@ -26,7 +26,8 @@ from psycopg.conninfo import make_conninfo
 
 from orch8.store import claims
 from orch8.store.claims import Owner, StepDone
-from orch8.store.instances import queue_depth
+from orch8.model import State
+from orch8.store.instances import list_instances, queue_depth
 
 FUTURE_ROWS = 100_000
 # Extra buffers allowed with the future rows present. A deeper index costs a page more per
@@ -246,3 +247,30 @@ def test_the_finish_costs_the_same_with_work_running_elsewhere(dsn, conn, statis
                                       "Bitmap Index Scan on instances_pkey"}, plans.instance_reads()
     assert plans.instance_reads(), "the finish read no instance at all"
     assert plans.buffers() <= alone + SMALL, (alone, plans.buffers())
+
+
+def listing(dsn: str, state: State) -> tuple[list[Any], Plans]:
+    plans = Plans()
+    with psycopg.connect(explaining(dsn), autocommit=True) as listening:
+        listening.add_notice_handler(plans.hear)
+        return list_instances(state=state, limit=20).run(listening), plans
+
+
+@pytest.mark.parametrize("statistics", STATISTICS)
+def test_listing_a_rare_state_reads_its_own_index_not_the_history(dsn, conn, statistics):
+    # Listing by state has no index of its own (every write would pay for it, migration
+    # 004): running rows and the dead letter are found through their partial indexes,
+    # however much finished history lies in the table.
+    prepare(conn, statistics)
+    add(conn, FUTURE_ROWS, state="completed")
+    running(conn, 30)
+    add(conn, 30, state="failed")
+    conn.execute("ANALYZE instances")
+    for state, index in ((State.RUNNING, "instances_running_by_incarnation"),
+                         (State.FAILED, "instances_dead_letter")):
+        found, plans = listing(dsn, state)
+        assert len(found) == 20 and {i.state for i in found} == {state}
+        assert any(read.endswith(index) for read in plans.instance_reads()), (
+            state, plans.instance_reads())
+        assert "Seq Scan" not in plans.instance_reads()
+        assert plans.buffers() < 200, (state, plans.buffers())

@@ -116,13 +116,14 @@ WITH target AS (
         coalesce(%(run_at)s::timestamptz, now() + %(delay_ms)s * interval '1 millisecond'),
         %(input)s::jsonb, %(idempotency_key)s, %(concurrency_key)s, %(max_concurrency)s
     FROM target
-    ON CONFLICT (idempotency_key) DO NOTHING
+    ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING id
 )
 SELECT id, false AS deduplicated FROM inserted
 UNION ALL
 SELECT id, true FROM instances
-WHERE idempotency_key = %(idempotency_key)s AND NOT EXISTS (SELECT 1 FROM inserted)
+WHERE idempotency_key IS NOT NULL AND idempotency_key = %(idempotency_key)s
+  AND NOT EXISTS (SELECT 1 FROM inserted)
 UNION ALL
 SELECT NULL, false WHERE NOT EXISTS (SELECT 1 FROM target)
 """
@@ -190,7 +191,7 @@ WITH request AS (
     FROM request r
     JOIN target t ON t.wanted_name = r.sequence AND t.wanted_version IS NOT DISTINCT FROM r.version
     ORDER BY r.position
-    ON CONFLICT (idempotency_key) DO NOTHING
+    ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING id
 )
 SELECT 'inserted' AS kind, id, NULL AS key, NULL AS sequence, NULL::int AS version
@@ -198,7 +199,7 @@ FROM inserted
 UNION ALL
 -- The statement's snapshot does not show its own inserts: these held the key before.
 SELECT 'existing', id, idempotency_key, NULL, NULL FROM instances
-WHERE idempotency_key = ANY (ARRAY(
+WHERE idempotency_key IS NOT NULL AND idempotency_key = ANY (ARRAY(
     SELECT idempotency_key FROM request WHERE idempotency_key IS NOT NULL))
 UNION ALL
 SELECT 'unknown', NULL, NULL, w.sequence, w.version FROM wanted w
@@ -267,17 +268,23 @@ def get_instance(instance_id: uuid.UUID) -> Query[Instance]:
     return Query(GET, {"id": instance_id}, read)
 
 
-# Keyset pagination, newest first: ids are UUIDv7, so id order is creation order.
-# `COLLATE "C"` is what lets the state filter use `instances_by_state` (migration 003).
-LIST = f"""
-SELECT {COLUMNS} FROM instances
-WHERE (%(state)s::text IS NULL OR state COLLATE "C" = %(state)s::text)
+# Keyset pagination, newest first: ids are UUIDv7, so id order is creation order. The
+# state test is written out as a literal (one statement per state) so that the planner can
+# use the partial index that holds that state's rows (migration 004): running rows through
+# the running index, failed and cancelled ones through the dead-letter index; completed and
+# scheduled ones are read in primary-key order, where they are found early.
+LIST = """
+SELECT {columns} FROM instances
+WHERE {state}
   AND (%(sequence)s::text IS NULL OR sequence_name = %(sequence)s::text)
   AND (%(concurrency_key)s::text IS NULL OR concurrency_key = %(concurrency_key)s::text)
   AND (%(before)s::uuid IS NULL OR id < %(before)s::uuid)
 ORDER BY id DESC
 LIMIT %(limit)s
 """
+LIST_BY_STATE = {
+    state: LIST.format(columns=COLUMNS, state=f"state = '{state}'") for state in State
+} | {None: LIST.format(columns=COLUMNS, state="true")}
 
 
 def list_instances(
@@ -290,13 +297,13 @@ def list_instances(
 ) -> Query[list[Instance]]:
     """Instances newest first; pass the last id seen as `before` for the next page."""
     params = {
-        "state": str(state) if state else None,
         "sequence": sequence,
         "concurrency_key": concurrency_key,
         "before": before,
         "limit": limit,
     }
-    return Query(LIST, params, lambda rows: [_instance(row) for row in rows])
+    sql = LIST_BY_STATE[State(state) if state else None]
+    return Query(sql, params, lambda rows: [_instance(row) for row in rows])
 
 
 # Cancelling bumps the epoch, so a worker still running the instance finds its later
