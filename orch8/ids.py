@@ -12,20 +12,28 @@ from typing import NewType
 NodeId = NewType("NodeId", str)
 
 
+# The 80 bits after the timestamp, less the version (4 bits) and variant (2 bits) fields.
+_RANDOM_BITS = ((1 << 80) - 1) & ~(0xF << 76) & ~(0x3 << 62)
+_VERSION_AND_VARIANT = 0x7 << 76 | 0x2 << 62  # version 7, RFC 9562 variant
+
+
 def uuid7() -> uuid.UUID:
     """A version-7 UUID (RFC 9562): 48 bits of Unix milliseconds, then random bits.
 
     Ids sort by creation time, which keeps the primary-key index append-mostly and makes
     keyset pagination follow creation order. Python 3.11 has no uuid7 of its own.
     """
+    return uuid7_many(1)[0]
+
+
+def uuid7_many(count: int) -> list[uuid.UUID]:
+    """`count` version-7 UUIDs for one batch: one clock read, one call for the random
+    bits (per id, most of the cost of `uuid7()` was those two calls)."""
     milliseconds = time.time_ns() // 1_000_000
-    value = (milliseconds & ((1 << 48) - 1)) << 80
-    value |= secrets.randbits(80)
-    value &= ~(0xF << 76)
-    value |= 0x7 << 76  # version
-    value &= ~(0x3 << 62)
-    value |= 0x2 << 62  # RFC 4122 variant
-    return uuid.UUID(int=value)
+    head = (milliseconds & ((1 << 48) - 1)) << 80 | _VERSION_AND_VARIANT
+    random = os.urandom(10 * count)
+    return [uuid.UUID(int=head | int.from_bytes(random[at:at + 10]) & _RANDOM_BITS)
+            for at in range(0, 10 * count, 10)]
 
 
 def new_node_id() -> NodeId:

@@ -100,6 +100,9 @@ MAX_JSON_DEPTH = 64
 
 def check_depth(value: Any, field_name: str) -> None:
     """Refuse a JSON value nested deeper than `MAX_JSON_DEPTH` (`{}` is depth 1)."""
+    if isinstance(value, dict) and not any(
+            isinstance(child, dict | list) for child in value.values()):
+        return  # the common flat object: depth 1, no walk needed
     stack = [(value, 1)]
     while stack:
         item, depth = stack.pop()
