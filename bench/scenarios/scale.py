@@ -6,7 +6,9 @@ kind on a database of its own and taking turns within every repetition:
 - `future, higher priority`: the same at high priority, so they come first in the
   claim order although none of them is due;
 - `churned`: rows that were due and were completed after their insert, left as dead
-  tuples with autovacuum off on that database (no fresh VACUUM).
+  tuples with autovacuum off on that database (no fresh VACUUM);
+- `running elsewhere`: 10^4 instances (a hundredth of the others) running under another
+  live node, so the finish and the claim must not grow with the cluster's load.
 
 The 10^6 rows are written by SQL (`INSERT … SELECT`): through the client they would take
 minutes. The drained backlog itself goes through the client like everywhere else; the
@@ -15,6 +17,7 @@ ratio to the empty table is taken within each repetition.
 
 from __future__ import annotations
 
+import uuid
 from contextlib import ExitStack
 from typing import Any
 
@@ -46,6 +49,18 @@ WHERE sequence_name = %(sequence)s
 """
 HIGH = 2
 DAY_S = 24 * 3600
+# A node whose heartbeat stays fresh for the whole run, so no sweep gives its claims back.
+ELSEWHERE = """
+INSERT INTO cluster_nodes (id, incarnation, hostname, pid, workers, last_heartbeat)
+VALUES (%(node)s, %(incarnation)s, 'elsewhere', 0, 1, now() + interval '1 day')
+"""
+RUNNING = """
+INSERT INTO instances (id, sequence_name, sequence_version, state, claimed_by,
+                       claim_incarnation, claimed_slot, claim_epoch, claimed_at)
+SELECT gen_random_uuid(), %(sequence)s, 1, 'running', %(node)s, %(incarnation)s, 0, 1,
+       now()
+FROM generate_series(1, %(rows)s)
+"""
 
 
 def _history(conn: psycopg.Connection[Any], sequence: str, rows: int) -> None:
@@ -68,6 +83,13 @@ def _churned(conn: psycopg.Connection[Any], sequence: str, rows: int) -> None:
     conn.execute(COMPLETE, {"sequence": sequence})
 
 
+def _running_elsewhere(conn: psycopg.Connection[Any], sequence: str, rows: int) -> None:
+    incarnation = uuid.uuid4()
+    conn.execute(ELSEWHERE, {"node": engine.ELSEWHERE, "incarnation": incarnation})
+    conn.execute(RUNNING, {"sequence": sequence, "rows": max(1, rows // 100),
+                           "node": engine.ELSEWHERE, "incarnation": incarnation})
+
+
 def _rows(sequence: str, rows: int, state: str, fire_in: int,
           priority: int = engine.NORMAL) -> dict[str, Any]:
     return {"sequence": sequence, "rows": rows, "state": state, "fire_in": fire_in,
@@ -75,7 +97,7 @@ def _rows(sequence: str, rows: int, state: str, fire_in: int,
 
 
 KINDS = {"history": _history, "future": _future, "future, higher priority": _future_high,
-         "churned": _churned}
+         "churned": _churned, "running elsewhere": _running_elsewhere}
 
 
 def measure(context: Context) -> Run:
