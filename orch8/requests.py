@@ -19,6 +19,7 @@ INSTANCE_FIELDS = {
     "sequence", "input", "version", "priority", "delay_ms", "run_at",
     "idempotency_key", "concurrency_key", "max_concurrency",
 }
+PLAIN_FIELDS = frozenset({"sequence", "input", "delay_ms"})
 MAX_KEY_CHARS = 256
 MAX_INPUT_BYTES = 1_000_000
 # Each slot of a key is a row the claim may lock; a key wider than this is better left
@@ -30,7 +31,7 @@ def parse_new_instance(body: Any) -> NewInstance:
     """Check an instance request (a JSON object); raise `DefinitionError` naming the field."""
     if not isinstance(body, dict):
         raise DefinitionError("body", "must be a JSON object")
-    unknown = set(body) - INSTANCE_FIELDS
+    unknown = body.keys() - INSTANCE_FIELDS
     if unknown:
         raise DefinitionError(sorted(unknown)[0], "unknown field")
     sequence = parse_name(body.get("sequence"), "sequence")
@@ -44,6 +45,11 @@ def parse_new_instance(body: Any) -> NewInstance:
         raise DefinitionError("input", f"must encode to at most {MAX_INPUT_BYTES} bytes")
     if "delay_ms" in body and "run_at" in body:
         raise DefinitionError("run_at", "give delay_ms or run_at, not both")
+    if body.keys() <= PLAIN_FIELDS:
+        # Only a sequence, an input and a delay (most requests in a batch): the optional
+        # fields' checks would each find nothing.
+        return NewInstance(sequence, data,
+                           delay_ms=_optional_int(body, "delay_ms", 0, MAX_MS) or 0)
     key = _optional_key(body, "concurrency_key")
     limit = _optional_int(body, "max_concurrency", 1, MAX_CONCURRENCY)
     if (key is None) != (limit is None):
