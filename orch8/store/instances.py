@@ -192,10 +192,14 @@ WITH request AS (
     JOIN target t ON t.wanted_name = r.sequence AND t.wanted_version IS NOT DISTINCT FROM r.version
     ORDER BY r.position
     ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-    RETURNING id
+    RETURNING id, idempotency_key
 )
+-- Only a request with a key can be left out (its key already taken), so only those say
+-- whether they were inserted; the rest are counted (`version` carries the count).
 SELECT 'inserted' AS kind, id, NULL AS key, NULL AS sequence, NULL::int AS version
-FROM inserted
+FROM inserted WHERE idempotency_key IS NOT NULL
+UNION ALL
+SELECT 'count', NULL, NULL, NULL, (SELECT count(*) FROM inserted)::int
 UNION ALL
 -- The statement's snapshot does not show its own inserts: these held the key before.
 SELECT 'existing', id, idempotency_key, NULL, NULL FROM instances
@@ -220,15 +224,22 @@ def create_instances(requests: list[NewInstance]) -> Query[list[Created]]:
         inserted = {row["id"] for row in rows if row["kind"] == "inserted"}
         holders = {row["key"]: row["id"] for row in rows if row["kind"] == "existing"}
         unknown = {(row["sequence"], row["version"]) for row in rows if row["kind"] == "unknown"}
-        created = []
-        for new_id, request in zip(ids, requests, strict=True):
+        for request in requests:
             if (request.sequence, request.version) in unknown:
                 raise NotFound(f"no sequence {_shown(request)}")
+        counted = next(row["version"] for row in rows if row["kind"] == "count")
+        unkeyed = sum(1 for request in requests if request.idempotency_key is None)
+        if counted != unkeyed + len(inserted):  # ids are new: a request without a key is in
+            raise RuntimeError(f"batch insert: {counted} rows for {unkeyed} unkeyed requests "
+                               f"and {len(inserted)} keyed ones")
+        created = []
+        for new_id, request in zip(ids, requests, strict=True):
             key = request.idempotency_key
-            if new_id in inserted:
+            if key is None:
                 created.append(Created(new_id, False))
-                if key is not None:
-                    holders[key] = new_id  # later requests with this key get this one
+            elif new_id in inserted:
+                created.append(Created(new_id, False))
+                holders[key] = new_id  # later requests with this key get this one
             elif key in holders:
                 created.append(Created(holders[key], True))
             else:
