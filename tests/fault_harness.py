@@ -207,7 +207,7 @@ class FaultRun:
         return fault
 
     def node_pids(self, node: Node) -> set[int]:
-        return {node.pid, *worker_pids(node.node_id)}
+        return {node.pid, *worker_pids(node.node_id, under=node.pid)}
 
     def wait_holding(self, node: Node, slot: int | None = None, timeout: float = 30) -> str:
         incarnation = self.incarnation(node.node_id)

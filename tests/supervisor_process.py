@@ -98,7 +98,10 @@ class Node:
         return worker_pids(self.node_id)
 
 
-def worker_pids(node_id: str) -> list[int]:
+def worker_pids(node_id: str, under: int | None = None) -> list[int]:
+    """Worker processes titled for `node_id`; with `under`, only descendants of that pid
+    (node ids repeat across tests, and an earlier test's orphaned worker may still be
+    exiting under the same title)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -109,8 +112,20 @@ def worker_pids(node_id: str) -> list[int]:
         except OSError:
             continue
         if title.startswith("orch8 worker ") and title.endswith(f" {node_id}") and state != "Z":
-            found.append(int(entry.name))
+            if under is None or _descends_from(int(entry.name), under):
+                found.append(int(entry.name))
     return sorted(found)
+
+
+def _descends_from(pid: int, ancestor: int) -> bool:
+    while pid > 1:
+        try:
+            pid = int((Path("/proc") / str(pid) / "stat").read_text().split(")")[-1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return False
+        if pid == ancestor:
+            return True
+    return False
 
 
 def _group_of(pid: int) -> int | None:

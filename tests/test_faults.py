@@ -96,7 +96,7 @@ def test_kill_a_worker_a_supervisor_and_a_node(runs: Any) -> None:
     run: FaultRun = runs(ORCH8_MAX_IN_FLIGHT="5", ORCH8_BATCH_SIZE="5")
     a, b, c = (run.start(name) for name in ("a", "b", "c"))
     with Load(run, "slow", 30):
-        victim = worker_pids("a")[0]
+        victim = worker_pids("a", under=a.pid)[0]
         slot = slot_of(victim)
         run.wait_holding(a, slot)
         worker_fault = run.hit("worker", a, signal.SIGKILL, {victim})
