@@ -1,0 +1,124 @@
+"""Where a drain's CPU goes: PostgreSQL, the workers and the supervisor, per instance.
+
+    python bench/cpu_split.py [--instances 30000] [--runs 3] [--batch 50/100 ...]
+                              [--variant NAME=SQL ...]
+
+Drains a backlog of one-step `noop` instances with a real `orch8-supervisor --workers 2`
+(as `python -m bench` does) and reads the CPU time the processes' own counters give:
+every PostgreSQL process (the postmaster's live children plus those it has reaped), the
+worker processes and the supervisor, before the backlog is released and once it has
+drained. `--variant` runs SQL on each scratch database before its drain, e.g. to put back
+indexes a migration dropped; the variants and batch settings alternate within each run
+(A B A B ...). Reads `/proc` through psutil, so PostgreSQL must run on this machine: the
+embedded server, or a local one in `DATABASE_URL` whose data directory is readable here.
+The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psutil
+import psycopg
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench import engine  # noqa: E402
+from bench.engine import NodeSettings  # noqa: E402
+from bench.server import Server  # noqa: E402
+
+DATA_DIR = Path(tempfile.gettempdir()) / "orch8-bench" / "postgres"  # as `python -m bench`
+
+
+def postmaster(dsn: str) -> psutil.Process:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute("SELECT current_setting('data_directory')").fetchone()
+    assert row is not None
+    return psutil.Process(int((Path(row[0]) / "postmaster.pid").read_text().split()[0]))
+
+
+def cpu_seconds(server: psutil.Process) -> dict[str, float]:
+    """CPU seconds so far: PostgreSQL (live and reaped), orch8 workers, orch8 supervisors."""
+    own = server.cpu_times()
+    split = {"postgres": own.user + own.system + own.children_user + own.children_system,
+             "workers": 0.0, "supervisor": 0.0}
+    for child in server.children():
+        try:
+            times = child.cpu_times()
+        except psutil.Error:
+            continue  # exited in between: its time is now in children_*
+        split["postgres"] += times.user + times.system
+    for process in psutil.process_iter(["cmdline"]):
+        title = " ".join(process.info["cmdline"] or [])
+        group = ("workers" if title.startswith("orch8 worker ")
+                 else "supervisor" if title.startswith("orch8 supervisor ") else None)
+        if group:
+            try:
+                times = process.cpu_times()
+            except psutil.Error:
+                continue
+            split[group] += times.user + times.system
+    return split
+
+
+def drain(dsn: str, server: psutil.Process, settings: NodeSettings,
+          count: int) -> dict[str, float]:
+    sequence = engine.new_sequence(dsn)
+    with engine.started(dsn, settings) as booting:
+        backlog = engine.Backlog(dsn, sequence, count)
+        engine.ready(booting)
+        before = cpu_seconds(server)
+        released = backlog.release()
+        figure = engine.finish(dsn, backlog, released, timeout_s=300)
+        after = cpu_seconds(server)
+    if not figure.complete:
+        raise SystemExit(f"cpu_split: the drain did not complete ({figure.completed} done)")
+    used = {group: (after[group] - before[group]) * 1e6 / count for group in after}
+    return {"per_s": figure.per_s, **{f"{group}_us": value for group, value in used.items()}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--instances", type=int, default=30_000)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--batch", nargs="+", default=["50/100"],
+                        help="batch size / max in flight, one or more")
+    parser.add_argument("--variant", action="append", default=[],
+                        help="NAME=SQL run on the scratch database before its drain")
+    args = parser.parse_args()
+    variants = {"as migrated": ""} | dict(v.split("=", 1) for v in args.variant)
+    batches = [tuple(int(n) for n in text.split("/")) for text in args.batch]
+    server = Server.open(DATA_DIR)
+    found: dict[str, list[dict[str, float]]] = {}
+    try:
+        pid = postmaster(server.dsn)
+        for run in range(args.runs):
+            for batch, in_flight in batches:
+                for name, sql in variants.items():
+                    with server.database() as dsn:
+                        if sql:
+                            with psycopg.connect(dsn, autocommit=True) as conn:
+                                conn.execute(sql)
+                        label = f"{name}, batch {batch}/{in_flight}"
+                        figures = drain(dsn, pid, NodeSettings(
+                            workers=2, batch_size=batch, max_in_flight=in_flight), args.instances)
+                        found.setdefault(label, []).append(figures)
+                        shown = ", ".join(f"{k} {v:,.1f}" for k, v in figures.items())
+                        print(f"run {run + 1}: {label}: {shown}", flush=True)
+    finally:
+        server.close()
+    summary: dict[str, Any] = {}
+    for label, runs in found.items():
+        summary[label] = {key: {"median": statistics.median(r[key] for r in runs),
+                                "min": min(r[key] for r in runs),
+                                "max": max(r[key] for r in runs)} for key in runs[0]}
+    print(orjson.dumps(summary).decode())
+
+
+if __name__ == "__main__":
+    main()
