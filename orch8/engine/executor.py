@@ -126,7 +126,8 @@ class Executor:
         outputs = await self._with_connection(claims.load_outputs, resumed) if resumed else {}
         runs = []
         for claimed in batch:
-            sequence = await self._sequence(claimed.sequence_name, claimed.sequence_version)
+            key = (claimed.sequence_name, claimed.sequence_version)
+            sequence = self._sequences.get(key) or await self._sequence(*key)
             runs.append(_Run(claimed, sequence, outputs.get(claimed.id, {}), claimed.step_index,
                              claimed.attempt, claimed.delay_done))
         return runs
@@ -139,11 +140,12 @@ class Executor:
         returned: list[tuple[_Run, Outcome]] = []
         handed_off = 0
         for run in starting:
-            handler = self._registry.get(run.step.handler)
-            if handler is not None and (not handler.is_async or self._limited(run.step)):
+            step = run.step
+            handler = self._registry.get(step.handler)
+            if handler is not None and (not handler.is_async or self._limited(step)):
                 pending: Awaitable[Outcome] | None = None
             else:
-                outcome = self._caller.call_now(handler, run.step, run.context())
+                outcome = self._caller.call_now(handler, step, run.context())
                 if isinstance(outcome, Outcome):
                     returned.append((run, outcome))
                     continue

@@ -241,7 +241,10 @@ def _claimed(row: tuple[Any, ...]) -> Claimed:
     (id_, epoch, name, version, input_, step_index, attempt, delay_done, priority,
      lateness_s) = row[:10]
     return Claimed(id_, epoch, name, version, input_, step_index, attempt, delay_done,
-                   Priority(priority), lateness_s)
+                   _PRIORITIES[priority], lateness_s)
+
+
+_PRIORITIES = tuple(Priority)  # by value (0-3): an index, not an enum lookup per row
 
 
 def _owner_params(owner: Owner) -> dict[str, Any]:
@@ -284,7 +287,7 @@ class StepDone:
 # is running made the planner read every running row through a state index instead,
 # a cost that grew with the cluster's load rather than with the batch.
 # The batch travels as one JSON document: encoding it with orjson costs far less than
-# adapting seven parameter arrays element by element.
+# adapting seven parameter arrays element by element (orjson writes UUIDs itself, too).
 FINISH_STEPS = """
 WITH done AS (
     SELECT * FROM jsonb_to_recordset(%(batch)s::jsonb) AS d(
@@ -317,7 +320,7 @@ async def finish_steps(
 ) -> set[uuid.UUID]:
     """Apply many step successes at once; return the ids whose fence held."""
     batch = orjson.dumps([
-        {"id": str(d.id), "epoch": d.epoch, "step_id": d.step_id, "attempt": d.attempt,
+        {"id": d.id, "epoch": d.epoch, "step_id": d.step_id, "attempt": d.attempt,
          "output": orjson.Fragment(d.output_json), "next_index": d.next_index, "last": d.last}
         for d in done
     ]).decode()
