@@ -283,3 +283,59 @@ def test_outcome_survives_the_database_dropping_the_workers_connections(dsn, cli
         outputs = conn.execute("SELECT step_id FROM step_outputs WHERE instance_id = %s "
                                "ORDER BY step_id", (created.id,)).fetchall()
     assert [row[0] for row in outputs] == ["a", "b"]
+
+
+# What a claim sets, as if this worker's claim had committed and its reply had been lost.
+LOST_CLAIM = """
+UPDATE instances SET state = 'running', claimed_by = 'test-node', claim_incarnation = %s,
+    claimed_slot = 0, claimed_at = now() - %s * interval '1 second',
+    claim_epoch = claim_epoch + 1
+WHERE id = ANY(%s)
+"""
+
+
+def test_a_claim_whose_reply_was_lost_is_given_back_and_run(dsn, client):
+    import psycopg
+
+    client.create_sequence("lost", [{"id": "a", "handler": "noop"}])
+    lost = [c.id for c in client.start_many([{"sequence": "lost", "delay_ms": 3_600_000}] * 3)]
+    earlier = client.start("lost", delay_ms=3_600_000).id
+    incarnation = uuid.uuid4()
+
+    def rows() -> dict[uuid.UUID, tuple[str, int, uuid.UUID | None]]:
+        with psycopg.connect(dsn) as conn:
+            found = conn.execute("SELECT id, state, claim_epoch, claim_incarnation "
+                                 "FROM instances WHERE sequence_name = 'lost'").fetchall()
+        return {row[0]: row[1:] for row in found}
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        worker = Worker(FAST, dsn, Owner("test-node", incarnation, 0))
+        task = asyncio.create_task(worker.run(stop))
+        try:
+            await asyncio.to_thread(wait_for_listeners, dsn, 1)
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                # This worker's claim, committed, its reply lost; and a claim of the same
+                # slot by the process before this one (an hour ago), which is not its own.
+                conn.execute(LOST_CLAIM, (incarnation, 0, lost))
+                conn.execute(LOST_CLAIM, (incarnation, 3600, [earlier]))
+                # Drop the worker's connections: its next claim fails, as the lost one did.
+                conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                             "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+                conn.execute("UPDATE instances SET next_fire_at = now() WHERE id = ANY(%s)",
+                             (lost,))
+            deadline = time.monotonic() + 20
+            while not all(rows()[i][0] == "completed" for i in lost):
+                assert time.monotonic() < deadline, f"lost claims never given back: {rows()}"
+                await asyncio.sleep(0.05)
+        finally:
+            stop.set()
+            await task
+
+    asyncio.run(main())
+    found = rows()
+    # Given back (the epoch rose, so a late write under the lost claim is refused), then
+    # claimed again and run.
+    assert all(found[i][0] == "completed" and found[i][1] >= 3 for i in lost)
+    # The earlier process's claim is left for the supervisor to settle.
+    assert found[earlier] == ("running", 1, incarnation)

@@ -22,6 +22,7 @@ import logging
 import uuid
 from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool
@@ -68,6 +69,10 @@ class Worker:
         self._last_claim_full = False
         # Claims whose run ended in an error (a long database outage): given back next tick.
         self._orphans: list[Claimed] = []
+        # A claim failed: it may have committed with its reply lost (see
+        # `claims.release_unknown`), so what this worker does not hold is given back first.
+        self._claim_unsure = False
+        self._started_at: datetime | None = None  # the database's clock at this run's start
         # Instances whose handler code still runs in this process (see the module doc).
         self._still_running = still_running or (lambda: ())
 
@@ -96,6 +101,8 @@ class Worker:
             name=f"orch8-worker-{self.owner.slot}",
         )
         await pool.open(wait=True, timeout=30)
+        async with pool.connection() as conn:
+            self._started_at = (await (await conn.execute("SELECT now()")).fetchall())[0][0]
         threads = ThreadPoolExecutor(max_workers=min(64, self.settings.max_in_flight),
                                      thread_name_prefix="orch8-handler")
         committer = StepCommitter(pool, self.settings.commit_linger_ms / 1000,
@@ -127,11 +134,17 @@ class Worker:
         """One claim: take what is due (up to the free slots) and start it; return how many."""
         if self._orphans:
             await self._release_orphans(pool)
+        if self._claim_unsure:
+            await self._release_unknown(pool)
         limit = min(self.settings.batch_size, self.free_slots)
         if limit <= 0 or self._draining:
             return 0
-        async with pool.connection() as conn:
-            claimed = await claims.claim(conn, self.owner, limit)
+        try:
+            async with pool.connection() as conn:
+                claimed = await claims.claim(conn, self.owner, limit)
+        except (psycopg.OperationalError, OSError):
+            self._claim_unsure = True
+            raise
         self._last_claim_full = len(claimed) == limit
         self.stats.add("claimed", len(claimed))
         if not claimed:
@@ -179,6 +192,19 @@ class Worker:
             self._orphans += batch.claims
         if batch.remaining:
             self._left(batch.take_remaining())
+
+    async def _release_unknown(self, pool: AsyncConnectionPool) -> None:
+        """Give back this slot's claims that a failed claim may have made unseen."""
+        assert self._started_at is not None
+        held = [c.id for batch in self._running.values() for c in batch.claims]
+        held += [c.id for c in self._orphans]
+        async with pool.connection() as conn:
+            released = await claims.release_unknown(conn, self.owner, self._started_at, held)
+        self._claim_unsure = False
+        if released:
+            self.stats.add("released", released)
+            log.warning("released %d instances claimed by a claim whose reply was lost",
+                        released)
 
     async def _release_orphans(self, pool: AsyncConnectionPool) -> None:
         orphans, self._orphans = self._orphans, []

@@ -12,6 +12,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -431,6 +432,35 @@ WITH released AS (
 )
 SELECT (SELECT count(*) FROM released) AS released, pg_notify('orch8_work', '')
 """
+
+
+# A claim can commit and then lose its reply (the connection dropped in between): its rows
+# are this worker's, but it never heard of them, and nothing else gives them back while it
+# lives. After a failed claim, the worker gives back the claims of its own slot that it
+# does not hold. Only those made since this process began (`since`, the database's clock
+# at its start): older ones are a previous process's in this slot, which the supervisor
+# settles, charging the step that killed it; releasing them here would undo that charge.
+RELEASE_UNKNOWN = """
+WITH released AS (
+    UPDATE instances
+    SET state = 'scheduled', claim_epoch = claim_epoch + 1, updated_at = now(),
+        claimed_by = NULL, claim_incarnation = NULL, claimed_slot = NULL
+    WHERE state = 'running' AND claim_incarnation = %(incarnation)s
+      AND claimed_slot = %(slot)s AND claimed_at >= %(since)s
+      AND id <> ALL (%(known)s::uuid[])
+    RETURNING id
+)
+SELECT (SELECT count(*) FROM released) AS released, pg_notify('orch8_work', '')
+"""
+
+
+async def release_unknown(conn: psycopg.AsyncConnection[Any], owner: Owner, since: datetime,
+                          known: Sequence[uuid.UUID]) -> int:
+    """Give back `owner`'s claims made since `since` that are not among `known`."""
+    params = {"incarnation": owner.incarnation, "slot": owner.slot, "since": since,
+              "known": list(known)}
+    row = await (await conn.execute(RELEASE_UNKNOWN, params)).fetchone()
+    return int(row[0]) if row else 0
 
 
 def release_owner_params(incarnation: uuid.UUID, slot: int | None) -> dict[str, Any]:
