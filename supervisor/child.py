@@ -190,7 +190,6 @@ async def _report(start: WorkerStart, worker: Worker, control: _Control,
         await asyncio.sleep(REPORT_INTERVAL_S)
 
 
-
 def _send(pipe: Connection, message: Report | BootFailed) -> bool:
     try:
         pipe.send_bytes(encode(message))

@@ -47,4 +47,3 @@ def remove_left_behind() -> None:
             continue
         if match and mine and not processes.exists(int(match.group(1))):
             remove(str(entry))
-

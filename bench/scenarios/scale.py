@@ -50,7 +50,7 @@ WHERE sequence_name = %(sequence)s
 HIGH = 2
 DAY_S = 24 * 3600
 # A node whose heartbeat stays fresh for the whole run, so no sweep gives its claims back.
-ELSEWHERE = """
+STAND_IN_NODE = """
 INSERT INTO cluster_nodes (id, incarnation, hostname, pid, workers, last_heartbeat)
 VALUES (%(node)s, %(incarnation)s, 'elsewhere', 0, 1, now() + interval '1 day')
 """
@@ -85,7 +85,7 @@ def _churned(conn: psycopg.Connection[Any], sequence: str, rows: int) -> None:
 
 def _running_elsewhere(conn: psycopg.Connection[Any], sequence: str, rows: int) -> None:
     incarnation = uuid.uuid4()
-    conn.execute(ELSEWHERE, {"node": engine.ELSEWHERE, "incarnation": incarnation})
+    conn.execute(STAND_IN_NODE, {"node": engine.ELSEWHERE, "incarnation": incarnation})
     conn.execute(RUNNING, {"sequence": sequence, "rows": max(1, rows // 100),
                            "node": engine.ELSEWHERE, "incarnation": incarnation})
 

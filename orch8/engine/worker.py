@@ -70,7 +70,7 @@ class Worker:
         # Claims whose run ended in an error (a long database outage): given back next tick.
         self._orphans: list[Claimed] = []
         # A claim failed: it may have committed with its reply lost (see
-        # `claims.release_unknown`), so what this worker does not hold is given back first.
+        # `claims.RELEASE_OWNER`), so what this worker does not hold is given back first.
         self._claim_unsure = False
         self._started_at: datetime | None = None  # the database's clock at this run's start
         # Instances whose handler code still runs in this process (see the module doc).

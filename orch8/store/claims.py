@@ -421,6 +421,14 @@ async def release_unstarted(conn: psycopg.AsyncConnection[Any], claims: Sequence
 
 # A worker or node that is gone: every claim it holds goes back, the epoch bumped so that
 # a late write from it (a frozen process waking up) is refused.
+#
+# The same statement, narrowed, serves a live worker after a failed claim: a claim can
+# commit and then lose its reply (the connection dropped in between), leaving rows that
+# are this worker's but that it never heard of, which nothing else gives back while it
+# lives. It releases the claims of its own slot that it does not hold (`held`), made since
+# it began (`since`, the database's clock at its start): older ones are a previous
+# process's in this slot, which the supervisor settles, charging the step that killed it;
+# releasing them here would undo that charge.
 RELEASE_OWNER = """
 WITH released AS (
     UPDATE instances
@@ -428,43 +436,26 @@ WITH released AS (
         claimed_by = NULL, claim_incarnation = NULL, claimed_slot = NULL
     WHERE state = 'running' AND claim_incarnation = %(incarnation)s
       AND (%(slot)s::int IS NULL OR claimed_slot = %(slot)s::int)
+      AND (%(since)s::timestamptz IS NULL OR claimed_at >= %(since)s::timestamptz)
+      AND id <> ALL (%(held)s::uuid[])
     RETURNING id
 )
 SELECT (SELECT count(*) FROM released) AS released, pg_notify('orch8_work', '')
 """
 
 
-# A claim can commit and then lose its reply (the connection dropped in between): its rows
-# are this worker's, but it never heard of them, and nothing else gives them back while it
-# lives. After a failed claim, the worker gives back the claims of its own slot that it
-# does not hold. Only those made since this process began (`since`, the database's clock
-# at its start): older ones are a previous process's in this slot, which the supervisor
-# settles, charging the step that killed it; releasing them here would undo that charge.
-RELEASE_UNKNOWN = """
-WITH released AS (
-    UPDATE instances
-    SET state = 'scheduled', claim_epoch = claim_epoch + 1, updated_at = now(),
-        claimed_by = NULL, claim_incarnation = NULL, claimed_slot = NULL
-    WHERE state = 'running' AND claim_incarnation = %(incarnation)s
-      AND claimed_slot = %(slot)s AND claimed_at >= %(since)s
-      AND id <> ALL (%(known)s::uuid[])
-    RETURNING id
-)
-SELECT (SELECT count(*) FROM released) AS released, pg_notify('orch8_work', '')
-"""
+def release_owner_params(incarnation: uuid.UUID, slot: int | None,
+                         since: datetime | None = None,
+                         held: Sequence[uuid.UUID] = ()) -> dict[str, Any]:
+    return {"incarnation": incarnation, "slot": slot, "since": since, "held": list(held)}
 
 
 async def release_unknown(conn: psycopg.AsyncConnection[Any], owner: Owner, since: datetime,
-                          known: Sequence[uuid.UUID]) -> int:
-    """Give back `owner`'s claims made since `since` that are not among `known`."""
-    params = {"incarnation": owner.incarnation, "slot": owner.slot, "since": since,
-              "known": list(known)}
-    row = await (await conn.execute(RELEASE_UNKNOWN, params)).fetchone()
+                          held: Sequence[uuid.UUID]) -> int:
+    """Give back `owner`'s claims made since `since` that are not among `held`."""
+    params = release_owner_params(owner.incarnation, owner.slot, since, held)
+    row = await (await conn.execute(RELEASE_OWNER, params)).fetchone()
     return int(row[0]) if row else 0
-
-
-def release_owner_params(incarnation: uuid.UUID, slot: int | None) -> dict[str, Any]:
-    return {"incarnation": incarnation, "slot": slot}
 
 
 def release_owner(
