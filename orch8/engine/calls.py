@@ -15,8 +15,7 @@ import time
 import types
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -28,9 +27,10 @@ from orch8.model import Step
 MAX_ERROR_CHARS = 4000
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """What one handler call came to: an output, or an error and whether to retry."""
+class Outcome(NamedTuple):
+    """What one handler call came to: an output, or an error and whether to retry.
+    (A named tuple: one is made per step run, and it is four times cheaper to build than
+    a frozen dataclass.)"""
 
     output_json: str | None = None
     output: dict[str, Any] | None = None

@@ -1,7 +1,7 @@
 """Group commit of step successes: one statement for many instances.
 
 Executors hand the step successes of a round to `finish_many()` and wait for the answer
-(whose fence held?). One background task writes whatever has gathered since its last
+(whose fence refused them? almost always nobody's). One background task writes whatever has gathered since its last
 write, so under load each statement carries many rounds' outcomes, and when idle an
 outcome waits at most `linger_s`. One waiter per round, not per instance: the cost per
 instance is an entry in a list.
@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 from psycopg_pool import AsyncConnectionPool
 
-from orch8.store.claims import StepDone, finish_steps
+from orch8.store.claims import StepDone, refused_steps
 
 log = logging.getLogger("orch8.engine.committer")
 
@@ -42,7 +42,7 @@ class StepCommitter:
         self._writing = asyncio.Lock()
 
     async def finish_many(self, done: list[StepDone]) -> set[uuid.UUID]:
-        """Record step successes; return the ids applied (the others' claims were lost)."""
+        """Record step successes; return the ids refused (their claims were lost)."""
         loop = asyncio.get_running_loop()
         futures = []
         for start in range(0, len(done), self._max_batch):
@@ -91,16 +91,14 @@ class StepCommitter:
     async def _write(self, batch: list[Entry]) -> None:
         try:
             async with self._pool.connection() as conn:
-                applied = await finish_steps(conn, [d for done, _ in batch for d in done])
+                refused = await refused_steps(conn, [d for done, _ in batch for d in done])
         except Exception as error:  # the callers decide whether to try again
             for _, future in batch:
                 if not future.done():
                     future.set_exception(error)
             return
-        refused = 0
         for done, future in batch:
-            refused += sum(1 for d in done if d.id not in applied)
             if not future.done():
-                future.set_result(applied)
+                future.set_result({d.id for d in done if d.id in refused} if refused else set())
         if refused and self._on_refused is not None:
-            self._on_refused(refused)
+            self._on_refused(len(refused))

@@ -187,10 +187,10 @@ class Executor:
                 await self._record_failure(run.claimed, run.step, run.attempt + 1, outcome)
         if not succeeded:
             return []
-        applied = await self._finish_steps([run.done(outcome) for run, outcome in succeeded])
+        refused = await self._finish_steps([run.done(outcome) for run, outcome in succeeded])
         going_on, completed = [], 0
         for run, outcome in succeeded:
-            if run.claimed.id not in applied:
+            if refused and run.claimed.id in refused:
                 self._lost(run, run.step)
                 continue
             run.advance(outcome.output)
@@ -225,7 +225,7 @@ class Executor:
             if outcome.error is not None:
                 await self._record_failure(run.claimed, step, run.attempt + 1, outcome)
                 break
-            if run.claimed.id not in await self._finish_steps([run.done(outcome)]):
+            if await self._finish_steps([run.done(outcome)]):
                 self._lost(run, step)
                 break
             run.advance(outcome.output)
@@ -269,7 +269,7 @@ class Executor:
             await self._fenced("failed", claims.fail, claimed, error)
 
     async def _finish_steps(self, done: list[StepDone]) -> set[Any]:
-        """Record step successes (group commit); return the ids whose fence held.
+        """Record step successes (group commit); return the ids whose fence refused them.
 
         A write whose reply was lost (the database went away mid-statement) may still have
         committed. Before it is sent again, and once more if the fence then refuses some,
@@ -277,23 +277,22 @@ class Executor:
         applied twice, nor reported lost when it landed.
         """
         tries = 0
-        recorded: set[Any] = set()
 
         async def attempt() -> set[Any]:
             nonlocal tries
             tries += 1
             pending = done
             if tries > 1:
-                recorded.update(await self._recorded(done))
+                recorded = await self._recorded(done)
                 pending = [d for d in done if d.id not in recorded]
                 if not pending:
                     return set()
             return await self._committer.finish_many(pending)
 
-        applied = await self._retrying(attempt) | recorded
-        if tries > 1 and len(applied) < len(done):
-            applied |= await self._recorded([d for d in done if d.id not in applied])
-        return applied
+        refused = await self._retrying(attempt)
+        if tries > 1 and refused:
+            refused = refused - await self._recorded([d for d in done if d.id in refused])
+        return refused
 
     def _lost(self, run: _Run, step: Step) -> None:
         # Counted by the committer, which sees even a cancelled caller's refused outcome.

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 
-@dataclass(frozen=True)
-class StepContext:
+class StepContext(NamedTuple):
+    """Immutable. A named tuple, not a frozen dataclass: one is made for every step run,
+    and a named tuple is four times cheaper to build."""
+
     instance_id: uuid.UUID
     sequence: str
     step_id: str
