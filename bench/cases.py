@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from bench import engine, peer, raw
+from bench import engine, own_sql, peer, raw
 from bench.engine import NodeSettings
 from bench.runs import Case, Figure
 from bench.server import Server
@@ -55,6 +55,17 @@ def orch8_case(context: Context, settings: NodeSettings, count: int,
 def raw_case(context: Context, batch: int, processes: int, count: int) -> Case:
     return _plain_case(context, f"raw loop batch {batch}, {processes} processes", "raw",
                        raw.drain, batch, processes, count)
+
+
+def own_sql_case(context: Context, batch: int, processes: int, count: int) -> Case:
+    """orch8's claim and finish statements alone (`bench.own_sql`), on a migrated database."""
+
+    def measure() -> Figure:
+        with context.server.database() as dsn:
+            return own_sql.drain(dsn, batch, processes, count)
+
+    return Case(f"orch8 SQL alone batch {batch}, {processes} processes", measure,
+                {"system": "orch8 SQL alone", "batch_size": batch, "workers": processes})
 
 
 def pgqueuer_case(context: Context, batch: int, consumers: int, count: int) -> Case:

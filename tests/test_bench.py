@@ -21,7 +21,8 @@ pytestmark = pytest.mark.bench
 
 FINAL_KEYS = {
     "throughput": {"engine_per_s", "raw_per_s", "pgqueuer_per_s", "ratio_raw",
-                   "ratio_pgqueuer"},
+                   "ratio_pgqueuer", "own_sql_per_s", "ratio_own_sql_raw",
+                   "ratio_engine_own_sql"},
     "enqueue": {"start_many_per_s", "batch_http_per_s", "pgqueuer_enqueue_per_s"},
     "latency": {"p50_ms", "p95_ms", "p99_ms"},
 }

@@ -1,6 +1,9 @@
 """`throughput`: drain a backlog of one-step `noop` instances (outputs recorded) over a grid
 of batch size x tick interval x workers per node, beside the raw loop (orch8's default
-batch, 2 processes) and pgqueuer (batch 1000, 2 consumers), all interleaved.
+batch, 2 processes), orch8's own claim and finish statements in the same minimal loop
+(`bench.own_sql`: the raw loop's rate over it is the price of the schema and statements,
+its rate over the node's the price of the engine) and pgqueuer (batch 1000, 2 consumers),
+all interleaved.
 
 With a backlog a worker claims again as soon as half a batch of slots is free, so the tick
 matters little here; it is measured across more values by `latency`, where it decides."""
@@ -9,7 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.cases import DEFAULTS, Context, node_settings, orch8_case, pgqueuer_case, raw_case
+from bench.cases import (DEFAULTS, Context, node_settings, orch8_case, own_sql_case,
+                         pgqueuer_case, raw_case)
 from bench.engine import NodeSettings
 from bench.plots import plain_log_axis, pyplot
 from bench.runs import Run, interleave
@@ -18,6 +22,7 @@ BATCHES = (10, 50, 200, 500)  # at the default tick, 2 workers
 TICKS_MS = (10, 500)  # besides the default, at batch 50 and 200, 2 workers
 DEFAULT_LABEL = "orch8 defaults, 2 workers"
 RAW_LABEL = f"raw loop batch {DEFAULTS.batch_size}, 2 processes"
+OWN_SQL_LABEL = f"orch8 SQL alone batch {DEFAULTS.batch_size}, 2 processes"
 PGQUEUER_LABEL = "pgqueuer batch 1000, 2 consumers"
 
 
@@ -43,6 +48,7 @@ def measure(context: Context) -> Run:
     run = Run("throughput", context.reps, settings={"instances": count})
     cases = [orch8_case(context, NodeSettings(workers=2), count, DEFAULT_LABEL),
              raw_case(context, DEFAULTS.batch_size, 2, count),
+             own_sql_case(context, DEFAULTS.batch_size, 2, count),
              pgqueuer_case(context, 1000, 2, count)]
     cases += [orch8_case(context, settings, count) for settings in grid(context.quick)]
     interleave(run, cases)
@@ -53,6 +59,8 @@ def measure(context: Context) -> Run:
 def summarise(run: Run) -> dict[str, float | None]:
     versus_raw = run.ratio(DEFAULT_LABEL, RAW_LABEL)
     versus_peer = run.ratio(DEFAULT_LABEL, PGQUEUER_LABEL)
+    sql_versus_raw = run.ratio(OWN_SQL_LABEL, RAW_LABEL)
+    versus_sql = run.ratio(DEFAULT_LABEL, OWN_SQL_LABEL)
     return {
         "engine_per_s": run.stats(DEFAULT_LABEL)["median"],
         "raw_per_s": run.stats(RAW_LABEL)["median"],
@@ -61,6 +69,14 @@ def summarise(run: Run) -> dict[str, float | None]:
         "ratio_raw_min": versus_raw["min"], "ratio_raw_max": versus_raw["max"],
         "ratio_pgqueuer": versus_peer["median"],
         "ratio_pgqueuer_min": versus_peer["min"], "ratio_pgqueuer_max": versus_peer["max"],
+        # The gap to the raw loop, split: the schema and statements, then the engine.
+        "own_sql_per_s": run.stats(OWN_SQL_LABEL)["median"],
+        "ratio_own_sql_raw": sql_versus_raw["median"],
+        "ratio_own_sql_raw_min": sql_versus_raw["min"],
+        "ratio_own_sql_raw_max": sql_versus_raw["max"],
+        "ratio_engine_own_sql": versus_sql["median"],
+        "ratio_engine_own_sql_min": versus_sql["min"],
+        "ratio_engine_own_sql_max": versus_sql["max"],
     }
 
 

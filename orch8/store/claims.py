@@ -214,7 +214,7 @@ async def claim(conn: psycopg.AsyncConnection[Any], owner: Owner, limit: int) ->
 async def _claim_plain(
     conn: psycopg.AsyncConnection[Any], owner: Owner, limit: int
 ) -> tuple[list[Claimed], int]:
-    cursor = await conn.execute(CLAIM_PLAIN, _owner_params(owner) | {"limit": limit})
+    cursor = await conn.execute(CLAIM_PLAIN, claim_params(owner, limit))
     rows = await cursor.fetchall()
     keyed = int(rows[0][-1]) if rows else 0
     return [_claimed(row) for row in rows if row[0] is not None], keyed
@@ -235,7 +235,7 @@ async def _claim_keyed(
 async def _claim_round(
     conn: psycopg.AsyncConnection[Any], owner: Owner, limit: int
 ) -> tuple[list[Claimed], int]:
-    cursor = await conn.execute(CLAIM, _owner_params(owner) | {"limit": limit})
+    cursor = await conn.execute(CLAIM, claim_params(owner, limit))
     rows = await cursor.fetchall()
     parked = int(rows[0][-1]) if rows else 0
     return [_claimed(row) for row in rows if row[0] is not None], parked
@@ -252,8 +252,10 @@ def _claimed(row: tuple[Any, ...]) -> Claimed:
 _PRIORITIES = tuple(Priority)  # by value (0-3): an index, not an enum lookup per row
 
 
-def _owner_params(owner: Owner) -> dict[str, Any]:
-    return {"node_id": owner.node_id, "incarnation": owner.incarnation, "slot": owner.slot}
+def claim_params(owner: Owner, limit: int) -> dict[str, Any]:
+    """The parameters of `CLAIM` and `CLAIM_PLAIN`."""
+    return {"node_id": owner.node_id, "incarnation": owner.incarnation, "slot": owner.slot,
+            "limit": limit}
 
 
 OUTPUTS = """
@@ -325,13 +327,17 @@ async def refused_steps(
     conn: psycopg.AsyncConnection[Any], done: Sequence[StepDone]
 ) -> set[uuid.UUID]:
     """Apply many step successes at once; return the ids whose fence refused them."""
-    batch = orjson.dumps([
+    cursor = await conn.execute(FINISH_STEPS, finish_params(done))
+    return {row[0] for row in await cursor.fetchall()}
+
+
+def finish_params(done: Sequence[StepDone]) -> dict[str, Any]:
+    """The parameter of `FINISH_STEPS`: the batch as one JSON document."""
+    return {"batch": orjson.dumps([
         {"id": d.id, "epoch": d.epoch, "step_id": d.step_id, "attempt": d.attempt,
          "output": orjson.Fragment(d.output_json), "next_index": d.next_index, "last": d.last}
         for d in done
-    ]).decode()
-    cursor = await conn.execute(FINISH_STEPS, {"batch": batch})
-    return {row[0] for row in await cursor.fetchall()}
+    ]).decode()}
 
 
 async def finish_steps(

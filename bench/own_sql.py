@@ -1,0 +1,63 @@
+"""orch8's own statements in the smallest loop: what the schema and the SQL cost by
+themselves, with no engine around them.
+
+Each process claims a batch with orch8's claim statement (`claims.CLAIM_PLAIN`, the one a
+worker sends when no candidate has a concurrency key) and records every instance's one
+step as done, output `{}`, with orch8's fenced finish (`claims.FINISH_STEPS`), with plain
+psycopg (no pool, no asyncio, no handler, no supervisor). Between the raw loop and a real
+node it splits the gap in two: the raw loop / this loop is the price of orch8's schema and
+statements, this loop / the node the price of the engine (handlers, executor, asyncio,
+group commit, reports).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import psycopg
+
+from bench.engine import NOOP, Backlog, new_sequence
+from bench.runs import Figure
+from bench.workers import Signals, children
+from orch8.store import claims
+from orch8.store.claims import Owner, StepDone
+
+STEP = NOOP[0]["id"]
+
+# Read once, after the drain.
+LAST_FINISHED = "SELECT max(finished_at) FROM instances WHERE sequence_name = %(sequence)s"
+
+
+def loop(signals: Signals, slot: int, dsn: str, batch: int) -> None:
+    """One process: claim, finish, count; sleep 5 ms when nothing is there. Its node id
+    has no `cluster_nodes` row, which the claim does not check (a worker run alone)."""
+    params = claims.claim_params(Owner(f"own-sql-{slot}", uuid.uuid4(), slot), batch)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        signals.await_go()
+        while not signals.stop.is_set():
+            rows = conn.execute(claims.CLAIM_PLAIN, params).fetchall()
+            done = [StepDone(row[0], row[1], STEP, 1, "{}", 1, True)
+                    for row in rows if row[0] is not None]
+            if not done:
+                time.sleep(0.005)
+                continue
+            conn.execute(claims.FINISH_STEPS, claims.finish_params(done)).fetchall()
+            signals.count(len(done))
+
+
+def drain(dsn: str, batch: int, processes: int, count: int, timeout_s: float = 300) -> Figure:
+    """`processes` loops on a fresh migrated database `dsn`; a backlog of one-step
+    instances, inserted in one open transaction, is committed once they all poll, and timed from its commit to the last
+    finish (counted through a shared counter, an O(1) read)."""
+    sequence = new_sequence(dsn)
+    backlog = Backlog(dsn, sequence, count)
+    with children(loop, processes, dsn, batch) as crew:
+        crew.signals.go.set()
+        released = backlog.release()
+        complete = crew.wait_count(count, timeout_s)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        last = conn.execute(LAST_FINISHED, {"sequence": sequence}).fetchone()[0]  # type: ignore[index]
+    seconds = (last - released).total_seconds() if last else float("nan")
+    return Figure(count=count, completed=crew.signals.done.value, seconds=seconds,
+                  complete=complete)
