@@ -24,7 +24,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from orch8.api.node import ReportListener, WorkerReport
 from orch8.config import Settings
-from orch8.engine.stats import process_stats
+from orch8.engine.stats import Folded, process_stats
 from orch8.ids import new_node_id
 from orch8.store.nodes import Registration
 from supervisor import http, metrics_dir, reaping, systemd
@@ -383,8 +383,9 @@ class Supervisor:
     def _on_report(self, slot: WorkerSlot, message: Report) -> None:
         slot.booted = True
         report = WorkerReport(slot.number, message.pid, True, message.counts,
-                              message.in_flight, message.step_seconds,
-                              message.claim_lateness_seconds)
+                              message.in_flight,
+                              Folded(message.step_buckets, message.step_seconds_sum),
+                              Folded(message.lateness_buckets, message.lateness_seconds_sum))
         slot.latest = report
         for listener in self._listeners:
             _call_listener(listener, report)

@@ -171,9 +171,9 @@ class _Control:
         if self.orphaned:
             return
         stats = self._worker.stats
-        step_seconds, lateness = stats.take_observations()
+        steps, lateness = stats.take_observations()
         report = Report(slot, os.getpid(), dict(stats.counts), self._worker.in_flight,
-                        tuple(step_seconds), tuple(lateness))
+                        steps.counts, steps.sum, lateness.counts, lateness.sum)
         if not _send(self._pipe, report):
             self.orphan("the supervisor's pipe is broken")
 

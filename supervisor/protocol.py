@@ -25,9 +25,12 @@ class Report:
     pid: int
     counts: dict[str, int]
     in_flight: int
-    # Samples since the previous report, for the metrics histograms.
-    step_seconds: tuple[float, ...] = ()
-    claim_lateness_seconds: tuple[float, ...] = ()
+    # For the metrics histograms: what was observed since the previous report, as counts
+    # per bucket (`orch8.engine.stats.STEP_BUCKETS`, `LATENESS_BUCKETS`) and their sum.
+    step_buckets: tuple[int, ...] = ()
+    step_seconds_sum: float = 0.0
+    lateness_buckets: tuple[int, ...] = ()
+    lateness_seconds_sum: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,7 @@ class ProtocolError(Exception):
 
 def encode(message: Message) -> bytes:
     """One frame for `Connection.send_bytes`."""
-    # The fields as they are (`asdict` would copy every sample of a report one by one).
+    # The fields as they are (`asdict` would copy them, tuples element by element).
     return orjson.dumps({"tag": message.tag, **vars(message)})
 
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -23,7 +24,8 @@ from orch8 import Client
 from orch8.api.metrics import NodeMetrics
 from orch8.api.node import ReportListener, WorkerReport
 from orch8.config import Settings
-from orch8.engine.stats import METRICS_DIR_VARIABLE
+from orch8.engine.stats import (LATENESS_BUCKETS, METRICS_DIR_VARIABLE, STEP_BUCKETS, Folded,
+                                Folding)
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -223,12 +225,37 @@ def test_counts_of_killed_processes_are_kept(tmp_path: Path) -> None:
 
 def test_histograms_come_from_reports(tmp_path: Path) -> None:
     node = ReportingNode(str(tmp_path))
-    node.latest[1] = WorkerReport(1, 100, True, step_seconds=(0.5,))  # before the app existed
+    steps = partial(Folded.of, STEP_BUCKETS)
+    node.latest[1] = WorkerReport(1, 100, True, step_seconds=steps(0.5))  # before the app existed
     metrics = NodeMetrics(node)  # type: ignore[arg-type]
-    node.send(WorkerReport(1, 100, True, step_seconds=(0.01, 0.02)))
-    node.send(WorkerReport(2, 200, True, claim_lateness_seconds=(0.3,)))
+    node.send(WorkerReport(1, 100, True, step_seconds=steps(0.01, 0.02)))
+    node.send(WorkerReport(2, 200, True,
+                           claim_lateness_seconds=Folded.of(LATENESS_BUCKETS, 0.3)))
     assert metrics.registry.get_sample_value("orch8_step_duration_seconds_count") == 3
     assert metrics.registry.get_sample_value("orch8_claim_latency_seconds_count") == 1
+    # The buckets are cumulative, as Prometheus reads them; a value on a bound is in it.
+    step_bucket = partial(metrics.registry.get_sample_value, "orch8_step_duration_seconds_bucket")
+    assert [step_bucket({"le": le}) for le in ("0.005", "0.01", "0.025", "0.5", "+Inf")] == [
+        0, 1, 2, 3, 3]
+    assert metrics.registry.get_sample_value("orch8_step_duration_seconds_sum") == pytest.approx(
+        0.53)
+
+
+def test_observations_are_folded_into_buckets_and_taken_once() -> None:
+    folding = Folding((0.1, 1.0))
+    for value in (0.05, 0.1, 0.5, 1.0, 7.0, 9.0):
+        folding.observe(value)
+    taken = folding.take()
+    assert taken.counts == (2, 2, 2) and taken.sum == pytest.approx(17.65)
+    assert folding.take() == Folded((0, 0, 0), 0.0)
+
+
+def test_a_report_whose_buckets_do_not_match_is_ignored(tmp_path: Path) -> None:
+    node = ReportingNode(str(tmp_path))
+    metrics = NodeMetrics(node)  # type: ignore[arg-type]
+    node.send(WorkerReport(1, 100, True, step_seconds=Folded((1, 2), 0.5)))
+    node.send(WorkerReport(1, 100, True, step_seconds=Folded.of(STEP_BUCKETS, 0.5)))
+    assert metrics.registry.get_sample_value("orch8_step_duration_seconds_count") == 1
 
 
 def test_gauges_read_at_scrape_time(dsn: str, tmp_path: Path) -> None:

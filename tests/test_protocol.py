@@ -9,7 +9,7 @@ from supervisor.slots import describe_exit
 
 
 @pytest.mark.parametrize("message", [
-    Report(2, 1234, {"claimed": 3, "completed": 2}, 1, (0.5, 0.25), (0.01,)),
+    Report(2, 1234, {"claimed": 3, "completed": 2}, 1, (0, 1, 2), 0.75, (1, 0), 0.01),
     Report(1, 99, {}, 0),
     BootFailed(1, "cannot load handler module 'x': No module named 'x'"),
     Drain(),

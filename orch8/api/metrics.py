@@ -7,34 +7,35 @@ Counters are summed at each scrape from the node's metrics directory, where ever
 process of the node (the supervisor and each worker, live or dead) writes its counts as it
 counts (`orch8.engine.stats`): a worker killed with SIGKILL loses none, and a respawned
 worker's new file adds to its predecessor's, so the node's counters only ever rise.
-Histograms are fed by the workers' reports. Gauges are read when Prometheus scrapes: the
-queue depth with one cheap query, the rest from the node view.
+Histograms are fed by the workers' reports, which carry their observations already folded
+into the buckets (`FoldedHistogram` adds them up). Gauges are read when Prometheus
+scrapes: the queue depth with one cheap query, the rest from the node view.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable
 from pathlib import Path
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, Histogram
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge
 from prometheus_client.exposition import generate_latest
-from prometheus_client.metrics_core import Metric
+from prometheus_client.metrics_core import HistogramMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.utils import floatToGoString
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from orch8.api.node import NodeView, WorkerReport
+from orch8.engine.stats import LATENESS_BUCKETS, STEP_BUCKETS, Folded
 from orch8.model import Priority
 from orch8.store.instances import queue_depth
 
 log = logging.getLogger("orch8.metrics")
 
 NODE_STATES = ("active", "draining", "stopping")
-# Steps range from microseconds (noop) to minutes; lateness from milliseconds up.
-STEP_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
-LATENESS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 QUEUE_TIMEOUT_S = 2.0
 
 
@@ -46,12 +47,13 @@ class NodeMetrics:
         self.node = node
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(CountFiles(node.metrics_dir))
-        self.step_seconds = Histogram(
-            "orch8_step_duration_seconds", "Time a step handler ran.",
-            buckets=STEP_BUCKETS, registry=self.registry)
-        self.claim_latency = Histogram(
+        self.step_seconds = FoldedHistogram(
+            "orch8_step_duration_seconds", "Time a step handler ran.", STEP_BUCKETS)
+        self.claim_latency = FoldedHistogram(
             "orch8_claim_latency_seconds", "Time from an instance falling due to its claim.",
-            buckets=LATENESS_BUCKETS, registry=self.registry)
+            LATENESS_BUCKETS)
+        self.registry.register(self.step_seconds)
+        self.registry.register(self.claim_latency)
         self.queue_depth = Gauge(
             "orch8_queue_depth", "Scheduled instances already due, by priority.",
             ["priority"], registry=self.registry)
@@ -66,11 +68,9 @@ class NodeMetrics:
         node.add_report_listener(self.record)
 
     def record(self, report: WorkerReport) -> None:
-        """Add one report's histogram samples (its counts are already on file)."""
-        for seconds in report.step_seconds:
-            self.step_seconds.observe(seconds)
-        for seconds in report.claim_lateness_seconds:
-            self.claim_latency.observe(seconds)
+        """Add one report's histogram observations (its counts are already on file)."""
+        self.step_seconds.add(report.step_seconds)
+        self.claim_latency.add(report.claim_lateness_seconds)
 
     async def refresh(self) -> None:
         """Update the gauges read at scrape time."""
@@ -92,6 +92,35 @@ class NodeMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class FoldedHistogram:
+    """A histogram whose observations arrive folded into its buckets (`Folded`)."""
+
+    def __init__(self, name: str, documentation: str, bounds: tuple[float, ...]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def add(self, folded: Folded) -> None:
+        if len(folded.counts) != len(self.counts):
+            if folded.counts:  # an empty one is a report with nothing observed
+                log.warning("metrics: a report's %s has %d buckets, not %d; ignored",
+                            self.name, len(folded.counts), len(self.counts))
+            return
+        for bucket, count in enumerate(folded.counts):
+            self.counts[bucket] += count
+        self.sum += folded.sum
+
+    def collect(self) -> Iterable[Metric]:
+        cumulative, buckets = 0, []
+        for bound, count in zip((*self.bounds, math.inf), self.counts):
+            cumulative += count
+            buckets.append((floatToGoString(bound), cumulative))
+        yield HistogramMetricFamily(self.name, self.documentation, buckets=buckets,
+                                    sum_value=self.sum)
 
 
 class CountFiles:

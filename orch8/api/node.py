@@ -13,6 +13,7 @@ from typing import Protocol, TypeVar
 from psycopg_pool import AsyncConnectionPool
 
 from orch8.config import Settings
+from orch8.engine.stats import Folded
 from orch8.store.query import Query
 
 T = TypeVar("T")
@@ -32,9 +33,9 @@ class WorkerReport:
     # Totals since this worker process started (they restart from 0 with a new process).
     counts: dict[str, int] = field(default_factory=dict)
     in_flight: int = 0
-    # Samples observed since the worker's previous report (for histograms).
-    step_seconds: tuple[float, ...] = ()
-    claim_lateness_seconds: tuple[float, ...] = ()
+    # Observed since the worker's previous report (for histograms), folded into buckets.
+    step_seconds: Folded = Folded()
+    claim_lateness_seconds: Folded = Folded()
 
 
 ReportListener = Callable[[WorkerReport], None]

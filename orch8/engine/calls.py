@@ -109,7 +109,7 @@ class Caller:
 
     def _observe(self, started: float) -> None:
         self._stats.add("steps_executed")
-        self._stats.step_seconds.append(time.perf_counter() - started)
+        self._stats.step_seconds.observe(time.perf_counter() - started)
 
 
 def _failure(step: Step, error: Exception) -> Outcome:

@@ -12,14 +12,18 @@ pack per increment (about 15 times a dict increment); here a count is one store 
 double into the mapping, at a place found once when the file is made. The event-loop
 thread is the only one that counts (handler threads never do), so no lock is needed.
 
-Histogram samples (step durations, claim lateness) still travel in the reports: they are
-observations, not counts, and losing the last half second of them to a SIGKILL is accepted.
+Histogram observations (step durations, claim lateness) are folded into their buckets as
+they are made (`Folding`: one bisect and two adds) and travel in the reports as bucket
+counts and a sum, so a report's size does not grow with the rate, and the supervisor adds
+a few numbers per report instead of observing every sample. Losing the last half second
+of them to a SIGKILL is accepted.
 """
 
 from __future__ import annotations
 
 import mmap
 import os
+from bisect import bisect_left
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +54,51 @@ COUNTER_METRICS = {
 }
 COUNTERS = tuple(COUNTER_METRICS)
 
+# Histogram bucket bounds, in seconds. Steps range from microseconds (noop) to minutes;
+# lateness from milliseconds up.
+STEP_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+LATENESS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+@dataclass(frozen=True)
+class Folded:
+    """Observations folded into histogram buckets: `counts[i]` of them were at most
+    `bounds[i]` and above the bound before it, the last count is of those above every
+    bound; `sum` is their total."""
+
+    counts: tuple[int, ...] = ()
+    sum: float = 0.0
+
+    @classmethod
+    def of(cls, bounds: tuple[float, ...], *values: float) -> Folded:
+        folding = Folding(bounds)
+        for value in values:
+            folding.observe(value)
+        return folding.take()
+
+
+class Folding:
+    """Where a process folds its observations as it makes them (see the module doc)."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        # bisect_left: a value equal to a bound belongs to that bound's bucket (`le`).
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def take(self) -> Folded:
+        """Hand over (and forget) what was observed since the last call."""
+        folded = Folded(tuple(self.counts), self.total)
+        self.counts = [0] * len(self.counts)
+        self.total = 0.0
+        return folded
+
 
 class CountFile:
     """This process's counts, one double each in a file of the metrics directory."""
@@ -78,8 +127,8 @@ class WorkerStats:
     """Totals since the process started, plus observations not yet reported."""
 
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
-    step_seconds: list[float] = field(default_factory=list)
-    claim_lateness_seconds: list[float] = field(default_factory=list)
+    step_seconds: Folding = field(default_factory=lambda: Folding(STEP_BUCKETS))
+    claim_lateness_seconds: Folding = field(default_factory=lambda: Folding(LATENESS_BUCKETS))
     # The same counts in this process's metrics file, if the node has a metrics directory.
     file: CountFile | None = None
 
@@ -88,11 +137,10 @@ class WorkerStats:
         if self.file is not None:
             self.file.cells[self.file.cell_of[counter]] += amount
 
-    def take_observations(self) -> tuple[list[float], list[float]]:
-        """Hand over (and forget) the histogram samples gathered since the last call."""
-        steps, lateness = self.step_seconds, self.claim_lateness_seconds
-        self.step_seconds, self.claim_lateness_seconds = [], []
-        return steps, lateness
+    def take_observations(self) -> tuple[Folded, Folded]:
+        """Hand over (and forget) the step durations and claim lateness folded since the
+        last call."""
+        return self.step_seconds.take(), self.claim_lateness_seconds.take()
 
 
 def process_stats() -> WorkerStats:

@@ -149,7 +149,9 @@ class Worker:
         self.stats.add("claimed", len(claimed))
         if not claimed:
             return 0
-        self.stats.claim_lateness_seconds.extend(max(0.0, c.lateness_s) for c in claimed)
+        observe = self.stats.claim_lateness_seconds.observe
+        for instance in claimed:
+            observe(max(0.0, instance.lateness_s))
         batch = _Batch(claimed, len(claimed))
         self._in_flight += len(claimed)
         task = asyncio.create_task(executor.run_batch(claimed, batch.left_callback(self._left)),
