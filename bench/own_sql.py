@@ -48,8 +48,9 @@ def loop(signals: Signals, slot: int, dsn: str, batch: int) -> None:
 
 def drain(dsn: str, batch: int, processes: int, count: int, timeout_s: float = 300) -> Figure:
     """`processes` loops on a fresh migrated database `dsn`; a backlog of one-step
-    instances, inserted in one open transaction, is committed once they all poll, and timed from its commit to the last
-    finish (counted through a shared counter, an O(1) read)."""
+    instances, inserted in one open transaction, is committed once they all poll, and
+    timed from its commit to the last finish (counted through a shared counter, an O(1)
+    read)."""
     sequence = new_sequence(dsn)
     backlog = Backlog(dsn, sequence, count)
     with children(loop, processes, dsn, batch) as crew:
@@ -57,7 +58,8 @@ def drain(dsn: str, batch: int, processes: int, count: int, timeout_s: float = 3
         released = backlog.release()
         complete = crew.wait_count(count, timeout_s)
     with psycopg.connect(dsn, autocommit=True) as conn:
-        last = conn.execute(LAST_FINISHED, {"sequence": sequence}).fetchone()[0]  # type: ignore[index]
+        row = conn.execute(LAST_FINISHED, {"sequence": sequence}).fetchone()
+    last = row[0] if row else None
     seconds = (last - released).total_seconds() if last else float("nan")
     return Figure(count=count, completed=crew.signals.done.value, seconds=seconds,
                   complete=complete)

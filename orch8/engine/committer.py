@@ -1,10 +1,10 @@
 """Group commit of step successes: one statement for many instances.
 
 Executors hand the step successes of a round to `finish_many()` and wait for the answer
-(whose fence refused them? almost always nobody's). One background task writes whatever has gathered since its last
-write, so under load each statement carries many rounds' outcomes, and when idle an
-outcome waits at most `linger_s`. One waiter per round, not per instance: the cost per
-instance is an entry in a list.
+(whose fence refused them? almost always nobody's). One background task writes whatever
+has gathered since its last write, so under load each statement carries many rounds'
+outcomes, and when idle an outcome waits at most `linger_s`. One waiter per round, not
+per instance: the cost per instance is an entry in a list.
 
 The committer counts the outcomes the fence refused itself, rather than its callers: a
 caller cancelled while its outcome waits (a worker told to stop now) is gone, but the
