@@ -71,6 +71,7 @@ class Folded:
 
     @classmethod
     def of(cls, bounds: tuple[float, ...], *values: float) -> Folded:
+        """`values` folded into the buckets of `bounds` (what a report of them carries)."""
         folding = Folding(bounds)
         for value in values:
             folding.observe(value)
