@@ -124,13 +124,13 @@ class Executor:
     async def _prepare(self, batch: list[Claimed]) -> list[_Run]:
         resumed = [claimed.id for claimed in batch if claimed.step_index > 0]
         outputs = await self._with_connection(claims.load_outputs, resumed) if resumed else {}
-        runs = []
-        for claimed in batch:
-            key = (claimed.sequence_name, claimed.sequence_version)
-            sequence = self._sequences.get(key) or await self._sequence(*key)
-            runs.append(_Run(claimed, sequence, outputs.get(claimed.id, {}), claimed.step_index,
-                             claimed.attempt, claimed.delay_done))
-        return runs
+        # One look-up per definition the batch uses (almost always one), not per instance.
+        wanted = {(claimed.sequence_name, claimed.sequence_version) for claimed in batch}
+        sequences = {key: await self._sequence(*key) for key in wanted}
+        return [_Run(claimed, sequences[claimed.sequence_name, claimed.sequence_version],
+                     outputs.get(claimed.id, {}), claimed.step_index, claimed.attempt,
+                     claimed.delay_done)
+                for claimed in batch]
 
     async def _round(self, runs: list[_Run], alone: list[asyncio.Task[None]],
                      left: Callable[[int], None]) -> list[_Run]:

@@ -235,11 +235,10 @@ def create_instances(requests: list[NewInstance]) -> Query[list[Created]]:
         created = []
         for new_id, request in zip(ids, requests, strict=True):
             key = request.idempotency_key
-            if key is None:
+            if key is None or new_id in inserted:
                 created.append(Created(new_id, False))
-            elif new_id in inserted:
-                created.append(Created(new_id, False))
-                holders[key] = new_id  # later requests with this key get this one
+                if key is not None:
+                    holders[key] = new_id  # later requests with this key get this one
             elif key in holders:
                 created.append(Created(holders[key], True))
             else:
