@@ -103,7 +103,8 @@ def _optional_time(body: dict[str, Any], name: str) -> datetime | None:
     try:
         # PostgreSQL would store a moment that is past year 9999 (or before year 1) in UTC,
         # but no Python reader could load the row back.
-        moment.astimezone(UTC)
+        # In UTC, too, because ISO 8601 allows offsets PostgreSQL refuses (beyond 15:59):
+        # the batch insert sends the moment as text, and "+17:04" failed it.
+        return moment.astimezone(UTC)
     except OverflowError:
         raise DefinitionError(name, "must fall within years 1 to 9999 in UTC") from None
-    return moment

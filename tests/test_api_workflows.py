@@ -242,6 +242,21 @@ def test_batch_is_all_or_nothing(api: httpx.Client, node: Node, name: str) -> No
     assert instances_of(node, name) == 3
 
 
+def test_run_at_with_an_offset_postgresql_refuses_is_kept_as_its_moment(
+        api: httpx.Client, node: Node, name: str) -> None:
+    """ISO 8601 allows offsets up to 23:59, PostgreSQL's input only up to 15:59: a batch
+    (whose moments travel as text) failed with a 500 on "+17:04"."""
+    make_sequence(api, name)
+    moment = "2100-02-12T05:28:19+17:04"  # 2100-02-11T12:24:19Z
+    one = start(api, name, run_at=moment)
+    batch = api.post("/instances/batch", json={"instances": [{"sequence": name, "run_at": moment}]})
+    assert batch.status_code == 201, batch.text
+    ids = [one, batch.json()["instances"][0]["id"]]
+    for instance in ids:
+        assert count(node, "SELECT count(*) FROM instances WHERE id = %s AND next_fire_at = "
+                     "'2100-02-11T12:24:19Z'", instance) == 1
+
+
 def test_get_instance_errors(api: httpx.Client) -> None:
     assert_error(api.get("/instances/not-a-uuid"), 404, "not_found")
     missing = uuid.uuid4()
