@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import logging
 import re
+import select
 import warnings
 from pathlib import Path
 from typing import Any
 
 import psycopg
+from psycopg_pool import AsyncConnectionPool
 
 from orch8.errors import ConfigError
 
@@ -93,3 +95,21 @@ def start_embedded(path: Path) -> str:
     log.info("DATABASE_URL is unset: using embedded PostgreSQL in %s", path)
     return dsn
 
+
+
+async def check_pooled(conn: psycopg.AsyncConnection[Any]) -> None:
+    """A pool's check before it hands out an idle connection, with no round trip when the
+    connection is sound.
+
+    A connection the server ended while it sat in the pool (a restart, a terminated
+    backend) has a readable socket: the server's goodbye message, then the end of the
+    stream. A sound idle connection has nothing to read, so one zero-timeout `select`
+    tells them apart; only a readable one pays for the empty query that settles it (which
+    raises on a dead connection, and the pool then opens a new one). Checking every
+    connection with that query cost each API request a second round trip.
+    """
+    if conn.closed:
+        raise psycopg.OperationalError("the pooled connection is closed")
+    readable, _, _ = select.select([conn.fileno()], [], [], 0)
+    if readable:
+        await AsyncConnectionPool.check_connection(conn)

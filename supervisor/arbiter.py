@@ -24,6 +24,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from orch8.api.node import ReportListener, WorkerReport
 from orch8.config import Settings
+from orch8.database import check_pooled
 from orch8.engine.stats import Folded, process_stats
 from orch8.ids import new_node_id
 from orch8.store.nodes import Registration
@@ -77,12 +78,13 @@ class Supervisor:
         self.address = address or settings.bind
         self.node_id = settings.node_id or new_node_id()
         self.incarnation = uuid.uuid4()
-        # Checked before each use (one empty round trip): after a database restart a
-        # pooled connection is dead, and the first request must not fail on it.
+        # Checked before each use: after a database restart a pooled connection is dead,
+        # and the first request must not fail on it (`check_pooled`: no round trip unless
+        # the server has closed the connection).
         self.pool = AsyncConnectionPool(dsn, min_size=1, max_size=settings.api_pool_size,
                                         open=False, kwargs={"autocommit": True},
                                         name="orch8-api",
-                                        check=AsyncConnectionPool.check_connection)
+                                        check=check_pooled)
         self.dsn = dsn
         # Before any worker starts: each inherits the directory and counts into it.
         self.metrics_dir = metrics_dir.create()

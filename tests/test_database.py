@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import psutil
+import psycopg
 import pytest
+from psycopg_pool import AsyncConnectionPool
 
-from orch8.database import MINIMUM_SERVER_VERSION, check_server_version
+from orch8.database import MINIMUM_SERVER_VERSION, check_pooled, check_server_version
 from orch8.errors import ConfigError
 
 SCRIPT = """
@@ -66,3 +69,34 @@ def test_an_older_server_is_refused_with_one_line_naming_both_versions(conn):
     assert "\n" not in message
     assert message.endswith(f"orch8 needs PostgreSQL {above // 10000} or newer")
     assert f"PostgreSQL {conn.info.server_version // 10000}." in message
+
+
+async def _pool_after_termination(dsn: str) -> tuple[int, int, int]:
+    """Backend pids: of the pooled connection, of the one handed out after that backend
+    was terminated, and of the one after that."""
+    pool = AsyncConnectionPool(dsn, min_size=1, max_size=1, open=False,
+                               kwargs={"autocommit": True}, check=check_pooled)
+    await pool.open(wait=True, timeout=10)
+    try:
+        async with pool.connection() as conn:
+            first = conn.info.backend_pid
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as other:
+            await other.execute("SELECT pg_terminate_backend(%s)", (first,))
+            # The signal that the backend has gone: its row leaves pg_stat_activity.
+            while await (await other.execute(
+                    "SELECT 1 FROM pg_stat_activity WHERE pid = %s", (first,))).fetchone():
+                await asyncio.sleep(0.01)
+        async with pool.connection() as conn:
+            await conn.execute("SELECT 1")  # would fail on the terminated connection
+            second = conn.info.backend_pid
+        async with pool.connection() as conn:
+            third = conn.info.backend_pid
+    finally:
+        await pool.close()
+    return first, second, third
+
+
+def test_the_api_pool_replaces_a_connection_the_server_ended_and_keeps_a_sound_one(dsn):
+    first, second, third = asyncio.run(_pool_after_termination(dsn))
+    assert second != first  # the dead connection was found and replaced
+    assert third == second  # a sound one is handed out again, not replaced
