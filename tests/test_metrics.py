@@ -24,8 +24,7 @@ from orch8 import Client
 from orch8.api.metrics import NodeMetrics
 from orch8.api.node import ReportListener, WorkerReport
 from orch8.config import Settings
-from orch8.engine.stats import (LATENESS_BUCKETS, METRICS_DIR_VARIABLE, STEP_BUCKETS, Folded,
-                                Folding)
+from orch8.engine.stats import LATENESS_BUCKETS, METRICS_DIR_VARIABLE, STEP_BUCKETS, Folded, Folding
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

@@ -6,8 +6,7 @@ import pytest
 
 from orch8 import Client
 from orch8.errors import DefinitionError, NotFound
-from orch8.model import parse_steps
-from orch8.model import Priority
+from orch8.model import Priority, parse_steps
 from orch8.requests import parse_new_instance
 from orch8.store.instances import NewInstance
 

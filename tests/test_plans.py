@@ -24,9 +24,9 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
+from orch8.model import State
 from orch8.store import claims
 from orch8.store.claims import Owner, StepDone
-from orch8.model import State
 from orch8.store.instances import list_instances, queue_depth
 
 FUTURE_ROWS = 100_000

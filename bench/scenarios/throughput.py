@@ -12,8 +12,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.cases import (DEFAULTS, Context, node_settings, orch8_case, own_sql_case,
-                         pgqueuer_case, raw_case)
+from bench.cases import (
+    DEFAULTS,
+    Context,
+    node_settings,
+    orch8_case,
+    own_sql_case,
+    pgqueuer_case,
+    raw_case,
+)
 from bench.engine import NodeSettings
 from bench.plots import plain_log_axis, pyplot
 from bench.runs import Run, interleave

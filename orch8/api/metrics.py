@@ -116,7 +116,7 @@ class FoldedHistogram:
 
     def collect(self) -> Iterable[Metric]:
         cumulative, buckets = 0, []
-        for bound, count in zip((*self.bounds, math.inf), self.counts):
+        for bound, count in zip((*self.bounds, math.inf), self.counts, strict=True):
             cumulative += count
             buckets.append((floatToGoString(bound), cumulative))
         yield HistogramMetricFamily(self.name, self.documentation, buckets=buckets,
