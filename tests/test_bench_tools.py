@@ -1,0 +1,48 @@
+"""The standalone bench tools run end to end on a real server and print their figures.
+
+Only that they run, finish every instance or request they start, and report each case:
+their figures are read by people, never checked against a threshold here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.pool_check import CHECKS
+from bench.sql_floor import CASES
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.bench
+
+
+def run_tool(server_dsn: str, *arguments: str) -> dict:
+    environ = {key: value for key, value in os.environ.items()
+               if not key.startswith("ORCH8_")} | {"DATABASE_URL": server_dsn}
+    result = subprocess.run([sys.executable, *arguments], cwd=ROOT, env=environ,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_sql_floor_finishes_every_case_and_reports_its_costs(server_dsn: str) -> None:
+    # The tool exits non-zero if a case leaves any of its instances unfinished.
+    summary = run_tool(server_dsn, "bench/sql_floor.py", "--runs", "1", "--instances", "1000")
+    assert list(summary) == list(CASES)
+    for name, figures in summary.items():
+        assert figures["wal_bytes"]["median"] > 0, name  # it wrote: claims and finishes ran
+        assert figures["postgres_us"]["median"] >= 0 and figures["per_s"]["median"] > 0, name
+    assert summary["raw loop"]["postgres_vs_raw"]["median"] == 1.0
+
+
+def test_pool_check_runs_each_check(server_dsn: str) -> None:
+    summary = run_tool(server_dsn, "bench/pool_check.py", "--runs", "1", "--requests", "100")
+    assert list(summary) == list(CHECKS)
+    for name, figures in summary.items():
+        assert figures["wall_us"]["median"] > 0 and figures["cpu_us"]["median"] > 0, name
