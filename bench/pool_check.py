@@ -1,6 +1,6 @@
 """What checking a pooled connection before each use costs the API: one request's checkout
 and statement with the pool's own check (an empty query), with `orch8.database.check_pooled`
-(the API pool's: a zero-timeout `select`, the query only when the socket is readable), and
+(the API pool's: a zero-timeout `poll`, the query only when the socket is readable), and
 with no check at all, alternating within each repetition.
 
     .venv/bin/python bench/pool_check.py [--requests 3000] [--runs 5]

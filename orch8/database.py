@@ -103,13 +103,15 @@ async def check_pooled(conn: psycopg.AsyncConnection[Any]) -> None:
 
     A connection the server ended while it sat in the pool (a restart, a terminated
     backend) has a readable socket: the server's goodbye message, then the end of the
-    stream. A sound idle connection has nothing to read, so one zero-timeout `select`
-    tells them apart; only a readable one pays for the empty query that settles it (which
-    raises on a dead connection, and the pool then opens a new one). Checking every
-    connection with that query cost each API request a second round trip.
+    stream. A sound idle connection has nothing to read, so one zero-timeout `poll` tells
+    them apart; only a readable one pays for the empty query that settles it (which raises
+    on a dead connection, and the pool then opens a new one). Checking every connection
+    with that query cost each API request a second round trip. `poll`, not `select`: a
+    busy node's descriptors can number past `select`'s limit of 1024.
     """
     if conn.closed:
         raise psycopg.OperationalError("the pooled connection is closed")
-    readable, _, _ = select.select([conn.fileno()], [], [], 0)
-    if readable:
+    poller = select.poll()
+    poller.register(conn.fileno(), select.POLLIN)
+    if poller.poll(0):
         await AsyncConnectionPool.check_connection(conn)

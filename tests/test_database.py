@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import resource
 import subprocess
 import sys
 import time
@@ -100,3 +102,24 @@ def test_the_api_pool_replaces_a_connection_the_server_ended_and_keeps_a_sound_o
     first, second, third = asyncio.run(_pool_after_termination(dsn))
     assert second != first  # the dead connection was found and replaced
     assert third == second  # a sound one is handed out again, not replaced
+
+
+def test_the_api_pool_check_works_past_descriptor_1024(dsn):
+    """A busy node can hold more than 1024 descriptors, where `select` refuses to look."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 1100
+    if soft < wanted + 100:
+        if hard != resource.RLIM_INFINITY and hard < wanted + 100:
+            pytest.skip(f"this process may open only {hard} descriptors")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted + 100, hard))
+    held = []
+    try:
+        with open(os.devnull) as devnull:
+            while len(held) < wanted:
+                held.append(os.dup(devnull.fileno()))
+        first, second, third = asyncio.run(_pool_after_termination(dsn))
+    finally:
+        for descriptor in held:
+            os.close(descriptor)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert second != first and third == second
