@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -27,6 +26,7 @@ from psycopg_pool import AsyncConnectionPool
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.cpu_split import DATA_DIR  # noqa: E402
+from bench.runs import spread  # noqa: E402
 from bench.server import Server  # noqa: E402
 from orch8.database import check_pooled  # noqa: E402
 
@@ -70,9 +70,8 @@ def main() -> None:
                       f"wall {figures['wall_us']:.1f} µs per request", flush=True)
     finally:
         server.close()
-    summary = {name: {key: {"median": statistics.median(r[key] for r in runs),
-                            "min": min(r[key] for r in runs), "max": max(r[key] for r in runs)}
-                      for key in runs[0]} for name, runs in found.items()}
+    summary = {name: {key: spread(r[key] for r in runs) for key in runs[0]}
+               for name, runs in found.items()}
     print(orjson.dumps(summary).decode())
 
 

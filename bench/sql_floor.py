@@ -26,7 +26,6 @@ is one JSON object.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 import uuid
@@ -42,6 +41,7 @@ import psycopg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import engine, raw  # noqa: E402
 from bench.cpu_split import DATA_DIR  # noqa: E402
+from bench.runs import spread  # noqa: E402
 from bench.server import Server  # noqa: E402
 from orch8.store import claims  # noqa: E402
 from orch8.store.claims import Owner, StepDone  # noqa: E402
@@ -76,13 +76,16 @@ DROP TRIGGER instances_keyed_state_change ON instances;
 DROP INDEX instances_running_by_incarnation
 """
 
-# The columns a claim reads and writes, apart from the instance's data.
+# The columns a claim or a finish writes (and those the claim orders by), apart from the
+# instance's data and keys: what a claim table of its own would hold.
 NARROW_TABLE = """
 CREATE TABLE claim_rows (
     id uuid PRIMARY KEY, state text NOT NULL DEFAULT 'scheduled',
     priority smallint NOT NULL, next_fire_at timestamptz NOT NULL,
     step_index int NOT NULL DEFAULT 0, attempt int NOT NULL DEFAULT 0,
-    claim_epoch bigint NOT NULL DEFAULT 0, claim_incarnation uuid, claimed_slot int);
+    delay_done boolean NOT NULL DEFAULT false, claimed_by text, claim_incarnation uuid,
+    claimed_slot int, claim_epoch bigint NOT NULL DEFAULT 0, claimed_at timestamptz,
+    updated_at timestamptz NOT NULL DEFAULT now(), finished_at timestamptz);
 CREATE INDEX claim_rows_order ON claim_rows (priority DESC, next_fire_at)
     WHERE state = 'scheduled';
 CREATE INDEX claim_rows_running ON claim_rows (claim_incarnation, claimed_slot)
@@ -91,14 +94,14 @@ INSERT INTO claim_rows (id, priority, next_fire_at)
     SELECT id, priority, next_fire_at FROM instances;
 UPDATE instances SET state = 'running'
 """
-NARROW_TAKE = """
-UPDATE claim_rows c SET state = 'running', claim_epoch = c.claim_epoch + 1,
-    claim_incarnation = %(incarnation)s, claimed_slot = %(slot)s
+# orch8's claim (what it sets) and fenced finish, on that table.
+NARROW_TAKE = f"""
+UPDATE claim_rows i {claims.TAKE}
 WHERE id IN (SELECT id FROM claim_rows
              WHERE state = 'scheduled' AND next_fire_at <= now()
-               AND priority = ANY ('{3,2,1,0}'::smallint[])
+               AND priority = ANY ('{{3,2,1,0}}'::smallint[])
              ORDER BY priority DESC, next_fire_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED)
-RETURNING c.id, c.claim_epoch, c.step_index, c.attempt, c.priority, c.next_fire_at
+RETURNING i.id, i.claim_epoch, i.step_index, i.attempt, i.priority, i.next_fire_at
 """
 NARROW_CLAIM_JOINED = f"""
 WITH taken AS ({NARROW_TAKE})
@@ -106,30 +109,7 @@ SELECT t.id, t.claim_epoch, i.sequence_name, i.sequence_version, i.input, t.step
     t.attempt, t.priority, extract(epoch FROM now() - t.next_fire_at)::float8
 FROM taken t JOIN instances i ON i.id = t.id
 """
-# orch8's fenced finish, on the narrow table (which has no delay or timestamp columns).
-NARROW_FINISH = """
-WITH done AS (
-    SELECT * FROM jsonb_to_recordset(%(batch)s::jsonb) AS d(
-        id uuid, epoch bigint, step_id text, attempt int, output jsonb, next_index int,
-        last bool)
-), advanced AS (
-    UPDATE claim_rows c
-    SET step_index = d.next_index, attempt = 0,
-        state = CASE WHEN d.last THEN 'completed' ELSE 'running' END
-    FROM done d
-    WHERE c.id = ANY (ARRAY(SELECT id FROM done)) AND c.id = d.id
-      AND c.claim_epoch = d.epoch AND (c.state = 'running') IS TRUE
-      AND c.step_index = d.next_index - 1
-    RETURNING c.id
-), recorded AS (
-    INSERT INTO step_outputs (instance_id, step_id, output, attempt)
-    SELECT d.id, d.step_id, d.output, d.attempt
-    FROM done d JOIN advanced a ON a.id = d.id
-    ON CONFLICT (instance_id, step_id) DO UPDATE
-        SET output = excluded.output, attempt = excluded.attempt, created_at = now()
-)
-SELECT id FROM done WHERE id NOT IN (SELECT id FROM advanced)
-"""
+NARROW_FINISH = claims.FINISH_STEPS.replace("UPDATE instances i", "UPDATE claim_rows i")
 
 
 @dataclass(frozen=True)
@@ -241,9 +221,8 @@ def main() -> None:
                       "PostgreSQL CPU", flush=True)
     finally:
         server.close()
-    summary = {name: {key: {"median": statistics.median(r[key] for r in runs),
-                            "min": min(r[key] for r in runs), "max": max(r[key] for r in runs)}
-                      for key in runs[0]} for name, runs in found.items()}
+    summary = {name: {key: spread(r[key] for r in runs) for key in runs[0]}
+               for name, runs in found.items()}
     print(orjson.dumps(summary).decode())
 
 
