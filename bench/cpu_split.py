@@ -17,11 +17,9 @@ The last line is one JSON object.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import orjson
 import psutil
@@ -30,6 +28,7 @@ import psycopg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import engine  # noqa: E402
 from bench.engine import NodeSettings  # noqa: E402
+from bench.runs import summarised  # noqa: E402
 from bench.server import Server  # noqa: E402
 
 DATA_DIR = Path(tempfile.gettempdir()) / "orch8-bench" / "postgres"  # as `python -m bench`
@@ -112,12 +111,7 @@ def main() -> None:
                         print(f"run {run + 1}: {label}: {shown}", flush=True)
     finally:
         server.close()
-    summary: dict[str, Any] = {}
-    for label, runs in found.items():
-        summary[label] = {key: {"median": statistics.median(r[key] for r in runs),
-                                "min": min(r[key] for r in runs),
-                                "max": max(r[key] for r in runs)} for key in runs[0]}
-    print(orjson.dumps(summary).decode())
+    print(orjson.dumps(summarised(found)).decode())
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from psycopg_pool import AsyncConnectionPool
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.cpu_split import DATA_DIR  # noqa: E402
-from bench.runs import spread  # noqa: E402
+from bench.runs import summarised  # noqa: E402
 from bench.server import Server  # noqa: E402
 from orch8.database import check_pooled  # noqa: E402
 
@@ -70,9 +70,7 @@ def main() -> None:
                       f"wall {figures['wall_us']:.1f} µs per request", flush=True)
     finally:
         server.close()
-    summary = {name: {key: spread(r[key] for r in runs) for key in runs[0]}
-               for name, runs in found.items()}
-    print(orjson.dumps(summary).decode())
+    print(orjson.dumps(summarised(found)).decode())
 
 
 if __name__ == "__main__":

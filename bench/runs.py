@@ -88,6 +88,13 @@ def spread(values: Iterable[float]) -> dict[str, Any]:
             "n": len(found), "values": found}
 
 
+def summarised(found: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, Any]]:
+    """Per label, the spread of each figure over its runs (for the tools outside
+    `python -m bench` that keep one dict of figures per run)."""
+    return {label: {key: spread(run[key] for run in runs) for key in runs[0]}
+            for label, runs in found.items()}
+
+
 @dataclass(frozen=True)
 class Case:
     """One thing measured in every repetition: its label, how, and its settings."""

@@ -41,7 +41,7 @@ import psycopg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import engine, raw  # noqa: E402
 from bench.cpu_split import DATA_DIR  # noqa: E402
-from bench.runs import spread  # noqa: E402
+from bench.runs import summarised  # noqa: E402
 from bench.server import Server  # noqa: E402
 from orch8.store import claims  # noqa: E402
 from orch8.store.claims import Owner, StepDone  # noqa: E402
@@ -221,9 +221,7 @@ def main() -> None:
                       "PostgreSQL CPU", flush=True)
     finally:
         server.close()
-    summary = {name: {key: spread(r[key] for r in runs) for key in runs[0]}
-               for name, runs in found.items()}
-    print(orjson.dumps(summary).decode())
+    print(orjson.dumps(summarised(found)).decode())
 
 
 if __name__ == "__main__":
