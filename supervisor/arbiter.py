@@ -334,8 +334,8 @@ class Supervisor:
     async def _spawn_due(self) -> None:
         now = time.monotonic()
         for slot in self._slots:
-            if slot.alive or slot.restart_at > now:
-                continue
+            if not slot.due_to_start(now):
+                continue  # running, waiting to restart, or exited and not reaped yet
             if slot.pending_release is not None and not await reaping.release(self, slot):
                 # Never start a slot while its previous claims are still held; wait rather
                 # than retry every tick while the database is away.

@@ -71,6 +71,13 @@ class WorkerSlot:
     def alive(self) -> bool:
         return self.process is not None and self.process.exitcode is None
 
+    def due_to_start(self, now: float) -> bool:
+        """Whether a process may be started in this slot now: its restart time has come
+        and it holds no process. Not `not alive`: a process that has exited but is not
+        reaped yet still holds claims that only reaping settles (charged or released), and
+        a process started over it would leave them held for as long as the node lives."""
+        return self.process is None and self.restart_at <= now
+
     def spawn(self, context: ForkServerContext | SpawnContext, start: WorkerStart) -> None:
         """Start a process for this slot."""
         ours, theirs = context.Pipe(duplex=True)
