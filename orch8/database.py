@@ -96,7 +96,6 @@ def start_embedded(path: Path) -> str:
     return dsn
 
 
-
 async def check_pooled(conn: psycopg.AsyncConnection[Any]) -> None:
     """A pool's check before it hands out an idle connection, with no round trip when the
     connection is sound.

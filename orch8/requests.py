@@ -101,10 +101,10 @@ def _optional_time(body: dict[str, Any], name: str) -> datetime | None:
     if moment.tzinfo is None:
         raise DefinitionError(name, "must include a time zone (e.g. Z or +00:00)")
     try:
-        # PostgreSQL would store a moment that is past year 9999 (or before year 1) in UTC,
-        # but no Python reader could load the row back.
-        # In UTC, too, because ISO 8601 allows offsets PostgreSQL refuses (beyond 15:59):
-        # the batch insert sends the moment as text, and "+17:04" failed it.
+        # Returned in UTC: ISO 8601 allows offsets PostgreSQL's input refuses (beyond
+        # 15:59), and the batch insert sends the moment as text. Converting also refuses a
+        # moment past year 9999 (or before year 1) in UTC, which PostgreSQL would store but
+        # no Python reader could load back.
         return moment.astimezone(UTC)
     except OverflowError:
         raise DefinitionError(name, "must fall within years 1 to 9999 in UTC") from None
