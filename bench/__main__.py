@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,7 +22,7 @@ from bench import report
 from bench.cases import Context
 from bench.runs import Run
 from bench.scenarios import SCENARIOS
-from bench.server import Server
+from bench.server import DATA_DIR, Server
 from orch8.database import redact
 from orch8.errors import ConfigError
 
@@ -55,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=Path("bench/results"),
                         help="directory for the JSON, Markdown and PNG files")
     parser.add_argument("--data-dir", type=Path,
-                        default=Path(tempfile.gettempdir()) / "orch8-bench" / "postgres",
+                        default=DATA_DIR,
                         help="embedded PostgreSQL data directory when DATABASE_URL is unset")
     return parser
 

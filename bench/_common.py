@@ -5,16 +5,15 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
-import tempfile
 import time
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import psycopg
 from psycopg.conninfo import make_conninfo
 
+from bench.server import DATA_DIR
 from orch8.config import Settings
 from orch8.database import resolve_dsn
 from orch8.engine.worker import Worker
@@ -27,9 +26,7 @@ def server_dsn() -> str:
     url = os.environ.get("DATABASE_URL")
     if url:
         return url
-    scratch = Path(tempfile.gettempdir()) / "orch8-bench"
-    scratch.mkdir(exist_ok=True)
-    return resolve_dsn(None, str(scratch / "postgres"))
+    return resolve_dsn(None, str(DATA_DIR))
 
 
 def scratch_database(server: str) -> str:

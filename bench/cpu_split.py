@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 import orjson
@@ -29,9 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import engine  # noqa: E402
 from bench.engine import NodeSettings  # noqa: E402
 from bench.runs import summarised  # noqa: E402
-from bench.server import Server  # noqa: E402
-
-DATA_DIR = Path(tempfile.gettempdir()) / "orch8-bench" / "postgres"  # as `python -m bench`
+from bench.server import DATA_DIR, Server  # noqa: E402
 
 
 def postmaster(dsn: str) -> psutil.Process:

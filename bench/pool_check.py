@@ -1,7 +1,8 @@
 """What checking a pooled connection before each use costs the API: one request's checkout
 and statement with the pool's own check (an empty query), with `orch8.database.check_pooled`
 (the API pool's: a zero-timeout `poll`, the query only when the socket is readable), and
-with no check at all, alternating within each repetition.
+with no check at all, alternating within each repetition; each one's client CPU is also
+given as a ratio to the empty query's in the same repetition.
 
     .venv/bin/python bench/pool_check.py [--requests 3000] [--runs 5]
 
@@ -25,9 +26,8 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.cpu_split import DATA_DIR  # noqa: E402
 from bench.runs import summarised  # noqa: E402
-from bench.server import Server  # noqa: E402
+from bench.server import DATA_DIR, Server  # noqa: E402
 from orch8.database import check_pooled  # noqa: E402
 
 Check = Callable[[psycopg.AsyncConnection[Any]], Awaitable[None]] | None
@@ -63,10 +63,14 @@ def main() -> None:
     found: dict[str, list[dict[str, float]]] = {}
     try:
         for run in range(args.runs):
-            for name, check in CHECKS.items():
+            first: dict[str, float] = {}
+            for name, check in CHECKS.items():  # the pool's own check first: the ratios'
                 figures = asyncio.run(requests(server.dsn, check, args.requests))
+                first = first or figures
+                figures["cpu_vs_empty_query"] = figures["cpu_us"] / first["cpu_us"]
                 found.setdefault(name, []).append(figures)
-                print(f"run {run + 1}: {name}: client CPU {figures['cpu_us']:.1f} µs, "
+                print(f"run {run + 1}: {name}: client CPU {figures['cpu_us']:.1f} µs "
+                      f"({figures['cpu_vs_empty_query']:.2f}× the empty query's), "
                       f"wall {figures['wall_us']:.1f} µs per request", flush=True)
     finally:
         server.close()

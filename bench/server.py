@@ -11,6 +11,7 @@ import itertools
 import os
 import platform
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -23,6 +24,10 @@ from psycopg.conninfo import make_conninfo
 
 from orch8.database import resolve_dsn
 from orch8.migrate import migrate
+
+# The embedded server's data directory when DATABASE_URL is unset: one for every bench
+# entry point, so they share one server (and its warm caches) rather than start several.
+DATA_DIR = Path(tempfile.gettempdir()) / "orch8-bench" / "postgres"
 
 SERVER_FACTS = """
 SELECT current_setting('server_version') AS version,

@@ -40,9 +40,8 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import engine, raw  # noqa: E402
-from bench.cpu_split import DATA_DIR  # noqa: E402
 from bench.runs import summarised  # noqa: E402
-from bench.server import Server  # noqa: E402
+from bench.server import DATA_DIR, Server  # noqa: E402
 from orch8.store import claims  # noqa: E402
 from orch8.store.claims import Owner, StepDone  # noqa: E402
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import psycopg
 
 from orch8.config import Settings
 from orch8.engine.worker import Worker
-from orch8.store.claims import Owner
+from orch8.store.claims import Owner, StepDone, refused_steps
 
 FAST = Settings(tick_interval_ms=20, commit_linger_ms=0.0, drain_timeout_s=10)
 
@@ -70,3 +71,11 @@ def run_workers_until(
         return team
 
     return asyncio.run(main())
+
+
+async def finish_steps(conn: psycopg.AsyncConnection[Any],
+                       done: Sequence[StepDone]) -> set[uuid.UUID]:
+    """Apply step successes as the committer does; return the ids whose fence held (the
+    engine only needs the refused ones, `claims.refused_steps`)."""
+    refused = await refused_steps(conn, done)
+    return {d.id for d in done if d.id not in refused}

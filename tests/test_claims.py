@@ -7,6 +7,7 @@ import uuid
 
 import psycopg
 import pytest
+from engine_helpers import finish_steps
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -75,7 +76,7 @@ def test_a_write_with_a_stale_epoch_applies_nothing(client, dsn, conn):
     async def late_writes() -> tuple[set[uuid.UUID], bool, bool]:
         async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as aconn:
             done = StepDone(claimed.id, claimed.epoch, "only", 1, '{"late": true}', 1, True)
-            applied = await claims.finish_steps(aconn, [done])
+            applied = await finish_steps(aconn, [done])
             failed = await claims.fail(aconn, claimed, "late failure")
             waited = await claims.wait(aconn, claimed, 1000)
             return applied, failed, waited

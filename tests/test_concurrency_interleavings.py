@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
+from engine_helpers import finish_steps
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -126,7 +127,7 @@ async def outcome(conn: psycopg.AsyncConnection[Any], kind: str, claimed: Claime
     """One fenced write; a refusal (the claim was lost) is fine, an error is not."""
     if kind == "complete":
         done = StepDone(claimed.id, claimed.epoch, "only", 1, "{}", 1, True)
-        await claims.finish_steps(conn, [done])
+        await finish_steps(conn, [done])
     elif kind == "fail":
         await claims.fail(conn, claimed, "boom")
     elif kind == "retry":
@@ -180,7 +181,7 @@ async def drain(dsn: str, world: World) -> None:
         await conn.execute(claims.RELEASE_OWNER, params)
         who = Owner("drain", uuid.uuid4(), 0)
         while claimed := await claims.claim(conn, who, 50):
-            await claims.finish_steps(conn, [
+            await finish_steps(conn, [
                 StepDone(c.id, c.epoch, "only", 1, "{}", 1, True) for c in claimed])
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from engine_helpers import finish_steps
 from psycopg_pool import AsyncConnectionPool
 
 from orch8 import Client, State
@@ -45,7 +46,7 @@ def usage(conn: psycopg.Connection, key: str) -> KeyUsage | None:
 
 def finish(dsn: str, claimed: Claimed) -> bool:
     done = StepDone(claimed.id, claimed.epoch, "only", 1, "{}", 1, True)
-    return claimed.id in write(dsn, claims.finish_steps, [done])
+    return claimed.id in write(dsn, finish_steps, [done])
 
 
 @pytest.fixture

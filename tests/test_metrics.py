@@ -222,14 +222,22 @@ def test_counts_of_killed_processes_are_kept(tmp_path: Path) -> None:
     assert metrics.registry.get_sample_value("orch8_fenced_writes_rejected_total") == 0
 
 
+def folded(bounds: tuple[float, ...], *values: float) -> Folded:
+    """`values` folded into the buckets of `bounds`, as a worker's report carries them."""
+    folding = Folding(bounds)
+    for value in values:
+        folding.observe(value)
+    return folding.take()
+
+
 def test_histograms_come_from_reports(tmp_path: Path) -> None:
     node = ReportingNode(str(tmp_path))
-    steps = partial(Folded.of, STEP_BUCKETS)
+    steps = partial(folded, STEP_BUCKETS)
     node.latest[1] = WorkerReport(1, 100, True, step_seconds=steps(0.5))  # before the app existed
     metrics = NodeMetrics(node)  # type: ignore[arg-type]
     node.send(WorkerReport(1, 100, True, step_seconds=steps(0.01, 0.02)))
     node.send(WorkerReport(2, 200, True,
-                           claim_lateness_seconds=Folded.of(LATENESS_BUCKETS, 0.3)))
+                           claim_lateness_seconds=folded(LATENESS_BUCKETS, 0.3)))
     assert metrics.registry.get_sample_value("orch8_step_duration_seconds_count") == 3
     assert metrics.registry.get_sample_value("orch8_claim_latency_seconds_count") == 1
     # The buckets are cumulative, as Prometheus reads them; a value on a bound is in it.
@@ -253,7 +261,7 @@ def test_a_report_whose_buckets_do_not_match_is_ignored(tmp_path: Path) -> None:
     node = ReportingNode(str(tmp_path))
     metrics = NodeMetrics(node)  # type: ignore[arg-type]
     node.send(WorkerReport(1, 100, True, step_seconds=Folded((1, 2), 0.5)))
-    node.send(WorkerReport(1, 100, True, step_seconds=Folded.of(STEP_BUCKETS, 0.5)))
+    node.send(WorkerReport(1, 100, True, step_seconds=folded(STEP_BUCKETS, 0.5)))
     assert metrics.registry.get_sample_value("orch8_step_duration_seconds_count") == 1
 
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from engine_helpers import finish_steps
 from psycopg.conninfo import make_conninfo
 
 from orch8.model import State
@@ -139,7 +140,7 @@ def finish(dsn: str, ids: list[uuid.UUID]) -> Plans:
         async with await psycopg.AsyncConnection.connect(explaining(dsn),
                                                          autocommit=True) as aconn:
             aconn.add_notice_handler(plans.hear)
-            assert await claims.finish_steps(aconn, done) == set(ids)
+            assert await finish_steps(aconn, done) == set(ids)
         return plans
 
     return asyncio.run(run())

@@ -10,6 +10,7 @@ import asyncio
 import uuid
 
 import psycopg
+from engine_helpers import finish_steps
 
 from orch8 import Client, State
 from orch8.store import claims
@@ -26,8 +27,8 @@ def test_a_repeated_step_write_applies_once(dsn: str) -> None:
         async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
             [claimed] = await claims.claim(conn, Owner("n", uuid.uuid4(), 1), 1)
             done = StepDone(claimed.id, claimed.epoch, "a", 1, '{"n": 1}', 1, False)
-            first = await claims.finish_steps(conn, [done])
-            again = await claims.finish_steps(conn, [done])
+            first = await finish_steps(conn, [done])
+            again = await finish_steps(conn, [done])
             stale = StepDone(claimed.id, claimed.epoch - 1, "a", 1, "{}", 1, False)
             return (first, again, await claims.step_recorded(conn, done),
                     await claims.step_recorded(conn, stale))

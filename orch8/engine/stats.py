@@ -69,14 +69,6 @@ class Folded:
     counts: tuple[int, ...] = ()
     sum: float = 0.0
 
-    @classmethod
-    def of(cls, bounds: tuple[float, ...], *values: float) -> Folded:
-        """`values` folded into the buckets of `bounds` (what a report of them carries)."""
-        folding = Folding(bounds)
-        for value in values:
-            folding.observe(value)
-        return folding.take()
-
 
 class Folding:
     """Where a process folds its observations as it makes them (see the module doc)."""

@@ -340,14 +340,6 @@ def finish_params(done: Sequence[StepDone]) -> dict[str, Any]:
     ]).decode()}
 
 
-async def finish_steps(
-    conn: psycopg.AsyncConnection[Any], done: Sequence[StepDone]
-) -> set[uuid.UUID]:
-    """Apply many step successes at once; return the ids whose fence held."""
-    refused = await refused_steps(conn, done)
-    return {d.id for d in done if d.id not in refused}
-
-
 # Whether an outcome written under this claim has already moved the instance past the step
 # (its write committed, but the reply was lost to a dropped connection).
 STEP_RECORDED = """
