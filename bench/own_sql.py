@@ -33,10 +33,11 @@ def loop(signals: Signals, slot: int, dsn: str, batch: int) -> None:
     """One process: claim, finish, count; sleep 5 ms when nothing is there. Its node id
     has no `cluster_nodes` row, which the claim does not check (a worker run alone)."""
     params = claims.claim_params(Owner(f"own-sql-{slot}", uuid.uuid4(), slot), batch)
+    claim = claims.bounded(claims.CLAIM_PLAIN, batch)
     with psycopg.connect(dsn, autocommit=True) as conn:
         signals.await_go()
         while not signals.stop.is_set():
-            rows = conn.execute(claims.CLAIM_PLAIN, params).fetchall()
+            rows = conn.execute(claim, params).fetchall()
             done = [StepDone(row[0], row[1], STEP, 1, "{}", 1, True)
                     for row in rows if row[0] is not None]
             if not done:

@@ -121,7 +121,7 @@ class Case:
 
 CASES: dict[str, Case | None] = {
     "raw loop": None,
-    "orch8": Case("", claims.CLAIM_PLAIN, claims.FINISH_STEPS),
+    "orch8": Case("", claims.bounded(claims.CLAIM_PLAIN, BATCH), claims.FINISH_STEPS),
     "orch8 table, minimal statements": Case("", RAW_SHAPED_CLAIM, STATE_ONLY_FINISH),
     "… no keyed trigger, no running index": Case(
         NO_TRIGGER_NO_RUNNING_INDEX, RAW_SHAPED_CLAIM, STATE_ONLY_FINISH),

@@ -37,9 +37,10 @@ FUTURE_ROWS = 100_000
 SMALL = 150
 
 # How the claim may reach instances: candidates from the claim index in its order (never
-# a sort of every due row), the rows it writes by id, a full key's backlog by key.
+# a sort of every due row), the rows it writes by id (one by one, or the array of them
+# through a bitmap), a full key's backlog by key.
 CLAIM_READS = {"Index Scan on instances_claim_order", "Index Scan on instances_pkey",
-               "Index Scan on instances_ready_by_key",
+               "Bitmap Index Scan on instances_pkey", "Index Scan on instances_ready_by_key",
                "Bitmap Index Scan on instances_ready_by_key"}
 
 # Statistics the planner may see when the work arrives.
@@ -183,6 +184,40 @@ def test_the_claim_reads_its_index_whatever_the_statistics(dsn, conn, statistics
     add(conn, 20_000, every_priority=True)
     taken, plans = claim(dsn)
     assert len(taken) == 50
+    assert plans.instance_reads() <= CLAIM_READS, plans.instance_reads()
+    assert "Index Scan on instances_claim_order" in plans.instance_reads()
+
+
+@pytest.mark.parametrize("statistics", [*STATISTICS, "analyzed with the work present"])
+def test_a_worker_keeps_one_generic_claim_plan_that_reads_the_claim_index(dsn, conn, statistics):
+    # A worker claims on the same connections all day, with limits that vary with its free
+    # slots. PostgreSQL must settle on one plan for the prepared claim (not plan each one
+    # afresh), and that plan must read what a fresh one reads and take exactly the limit.
+    # Statistics that know the backlog (autovacuum analyzes during a long one) are what
+    # used to make every claim planned afresh.
+    prepare(conn, statistics)
+    add(conn, 20_000, every_priority=True)
+    if statistics == "analyzed with the work present":
+        conn.execute("ANALYZE instances")
+    limits = [50, 33, 41, 64, 50, 37, 50, 45, 58, 50, 36, 50, 50, 44, 50]
+
+    async def run() -> tuple[list[int], Plans, list[tuple[str, int, int]]]:
+        plans = Plans()
+        async with await psycopg.AsyncConnection.connect(explaining(dsn),
+                                                         autocommit=True) as aconn:
+            aconn.add_notice_handler(plans.hear)
+            owner = Owner("n", uuid.uuid4(), 0)
+            taken = [len(await claims.claim(aconn, owner, limit)) for limit in limits]
+            cursor = await aconn.execute(
+                "SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements")
+            return taken, plans, await cursor.fetchall()
+
+    taken, plans, prepared = asyncio.run(run())
+    assert taken == limits
+    [(_, generic, custom)] = [row for row in prepared if "candidate AS MATERIALIZED" in row[0]]
+    # psycopg prepares a statement on its sixth use; PostgreSQL plans the first five
+    # prepared runs afresh, then compares.
+    assert generic >= 1 and custom <= 5, (generic, custom)
     assert plans.instance_reads() <= CLAIM_READS, plans.instance_reads()
     assert "Index Scan on instances_claim_order" in plans.instance_reads()
 

@@ -9,6 +9,7 @@ handler ran twice.
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -102,6 +103,17 @@ CANDIDATES = """
     -- SKIP LOCKED: never wait on a row another worker is claiming; take the next one.
     FOR UPDATE SKIP LOCKED
 """
+#
+# The candidates again, under a literal bound (`{bound}`, see `bounded`): the statements
+# read them through this. The exact limit is a parameter, so that one prepared statement
+# serves every limit; but a generic plan cannot see a parameter's value and assumes a
+# tenth of the due rows, which made PostgreSQL judge it dearer than a plan for the value
+# at hand and plan every claim afresh (a tenth of the server's CPU in a drain), or, made
+# generic, update through a scan of the whole table. The bound, a power of two at or
+# above the limit, gives both plans the same estimate, and the rows are found by id
+# through an array (as in FINISH_STEPS), whose estimate does not grow with the batch: the
+# generic plan costs what a fresh one does, and PostgreSQL keeps it.
+BOUNDED_CANDIDATES = f"SELECT * FROM ({CANDIDATES}) due LIMIT {{bound}}"
 
 # What a claim sets and returns, the same in both statements.
 TAKE = """
@@ -116,7 +128,7 @@ TAKEN = """
 """
 
 CLAIM = f"""
-WITH {CLAIMER_REPLACED}, candidate AS MATERIALIZED ({CANDIDATES}), slot AS MATERIALIZED (
+WITH {CLAIMER_REPLACED}, candidate AS MATERIALIZED ({BOUNDED_CANDIDATES}), slot AS MATERIALIZED (
     -- Locked rows come back as their latest committed version, whatever the snapshot.
     -- SKIP LOCKED: a slot another claim or a finishing instance holds is left alone.
     SELECT concurrency_key AS key, slot, instance_id
@@ -169,10 +181,12 @@ WITH {CLAIMER_REPLACED}, candidate AS MATERIALIZED ({CANDIDATES}), slot AS MATER
     FROM (SELECT id FROM parked UNION ALL SELECT id FROM backlog) p
     WHERE i.id = p.id
     RETURNING i.id
+), chosen AS (
+    SELECT id FROM candidate WHERE key IS NULL UNION ALL SELECT id FROM seated
 ), claimed AS (
     UPDATE instances i {TAKE}
-    FROM (SELECT id FROM candidate WHERE key IS NULL UNION ALL SELECT id FROM seated) chosen
-    WHERE i.id = chosen.id {TAKEN}
+    FROM chosen
+    WHERE i.id = ANY (ARRAY(SELECT id FROM chosen)) AND i.id = chosen.id {TAKEN}
 )
 SELECT claimed.*, parked.count AS parked
 FROM (SELECT count(*) FROM parking) AS parked LEFT JOIN claimed ON true
@@ -182,10 +196,11 @@ FROM (SELECT count(*) FROM parking) AS parked LEFT JOIN claimed ON true
 # concurrency key, and say how many have one. Those stay where they are (their row locks
 # end with this statement) for `CLAIM` to seat or park straight after.
 CLAIM_PLAIN = f"""
-WITH {CLAIMER_REPLACED}, candidate AS MATERIALIZED ({CANDIDATES}), claimed AS (
+WITH {CLAIMER_REPLACED}, candidate AS MATERIALIZED ({BOUNDED_CANDIDATES}), claimed AS (
     UPDATE instances i {TAKE}
     FROM candidate
-    WHERE i.id = candidate.id AND candidate.key IS NULL {TAKEN}
+    WHERE i.id = ANY (ARRAY(SELECT id FROM candidate WHERE key IS NULL))
+      AND i.id = candidate.id AND candidate.key IS NULL {TAKEN}
 )
 SELECT claimed.*, keyed.count AS keyed
 FROM (SELECT count(*) FROM candidate WHERE key IS NOT NULL) AS keyed LEFT JOIN claimed ON true
@@ -214,7 +229,7 @@ async def claim(conn: psycopg.AsyncConnection[Any], owner: Owner, limit: int) ->
 async def _claim_plain(
     conn: psycopg.AsyncConnection[Any], owner: Owner, limit: int
 ) -> tuple[list[Claimed], int]:
-    cursor = await conn.execute(CLAIM_PLAIN, claim_params(owner, limit))
+    cursor = await conn.execute(bounded(CLAIM_PLAIN, limit), claim_params(owner, limit))
     rows = await cursor.fetchall()
     keyed = int(rows[0][-1]) if rows else 0
     return [_claimed(row) for row in rows if row[0] is not None], keyed
@@ -235,7 +250,7 @@ async def _claim_keyed(
 async def _claim_round(
     conn: psycopg.AsyncConnection[Any], owner: Owner, limit: int
 ) -> tuple[list[Claimed], int]:
-    cursor = await conn.execute(CLAIM, claim_params(owner, limit))
+    cursor = await conn.execute(bounded(CLAIM, limit), claim_params(owner, limit))
     rows = await cursor.fetchall()
     parked = int(rows[0][-1]) if rows else 0
     return [_claimed(row) for row in rows if row[0] is not None], parked
@@ -250,6 +265,17 @@ def _claimed(row: tuple[Any, ...]) -> Claimed:
 
 
 _PRIORITIES = tuple(Priority)  # by value (0-3): an index, not an enum lookup per row
+
+
+def bounded(statement: str, limit: int) -> str:
+    """`CLAIM` or `CLAIM_PLAIN` as sent for a claim of up to `limit`: a few texts in all
+    (one per power of two), each prepared once per connection."""
+    return _with_bound(statement, 1 << max(limit - 1, 0).bit_length())
+
+
+@functools.cache
+def _with_bound(statement: str, bound: int) -> str:
+    return statement.replace("{bound}", str(bound))
 
 
 def claim_params(owner: Owner, limit: int) -> dict[str, Any]:
