@@ -110,9 +110,11 @@ CANDIDATES = """
 # tenth of the due rows, which made PostgreSQL judge it dearer than a plan for the value
 # at hand and plan every claim afresh (a tenth of the server's CPU in a drain), or, made
 # generic, update through a scan of the whole table. The bound, a power of two at or
-# above the limit, gives both plans the same estimate, and the rows are found by id
-# through an array (as in FINISH_STEPS), whose estimate does not grow with the batch: the
-# generic plan costs what a fresh one does, and PostgreSQL keeps it.
+# above the limit, gives both plans nearly the same estimate, and the claimed rows are
+# updated through one array of their ids (not a join to the candidates), whose estimate
+# does not grow with the batch: the generic plan costs what a fresh one does, and
+# PostgreSQL keeps it. (A join that also tested the array made PostgreSQL re-sort the
+# array for every candidate.)
 BOUNDED_CANDIDATES = f"SELECT * FROM ({CANDIDATES}) due LIMIT {{bound}}"
 
 # What a claim sets and returns, the same in both statements.
@@ -185,8 +187,7 @@ WITH {CLAIMER_REPLACED}, candidate AS MATERIALIZED ({BOUNDED_CANDIDATES}), slot 
     SELECT id FROM candidate WHERE key IS NULL UNION ALL SELECT id FROM seated
 ), claimed AS (
     UPDATE instances i {TAKE}
-    FROM chosen
-    WHERE i.id = ANY (ARRAY(SELECT id FROM chosen)) AND i.id = chosen.id {TAKEN}
+    WHERE i.id = ANY (ARRAY(SELECT id FROM chosen)) {TAKEN}
 )
 SELECT claimed.*, parked.count AS parked
 FROM (SELECT count(*) FROM parking) AS parked LEFT JOIN claimed ON true
@@ -198,9 +199,7 @@ FROM (SELECT count(*) FROM parking) AS parked LEFT JOIN claimed ON true
 CLAIM_PLAIN = f"""
 WITH {CLAIMER_REPLACED}, candidate AS MATERIALIZED ({BOUNDED_CANDIDATES}), claimed AS (
     UPDATE instances i {TAKE}
-    FROM candidate
-    WHERE i.id = ANY (ARRAY(SELECT id FROM candidate WHERE key IS NULL))
-      AND i.id = candidate.id AND candidate.key IS NULL {TAKEN}
+    WHERE i.id = ANY (ARRAY(SELECT id FROM candidate WHERE key IS NULL)) {TAKEN}
 )
 SELECT claimed.*, keyed.count AS keyed
 FROM (SELECT count(*) FROM candidate WHERE key IS NOT NULL) AS keyed LEFT JOIN claimed ON true
