@@ -9,6 +9,9 @@ drift touches every case alike because they alternate within each run. The cases
 
 - `raw loop`: the minimal raw loop's table and statements (`bench/raw.py`).
 - `orch8`: orch8's claim (`claims.CLAIM_PLAIN`) and fenced finish (`claims.FINISH_STEPS`).
+- `orch8, planned afresh each call`: the same, with PostgreSQL made to plan each call
+  again (`plan_cache_mode = force_custom_plan`): what planning costs. The claim was planned
+  so whenever the statistics knew a backlog, until it was given a literal bound.
 - `orch8 table, minimal statements`: orch8's table, but a claim shaped like the raw loop's
   and a finish that only sets `state`: what the table costs by itself.
 - `… no keyed trigger, no running index`: the same, with those two dropped.
@@ -122,6 +125,9 @@ class Case:
 CASES: dict[str, Case | None] = {
     "raw loop": None,
     "orch8": Case("", claims.bounded(claims.CLAIM_PLAIN, BATCH), claims.FINISH_STEPS),
+    "orch8, planned afresh each call": Case(
+        "SET plan_cache_mode = force_custom_plan", claims.bounded(claims.CLAIM_PLAIN, BATCH),
+        claims.FINISH_STEPS),
     "orch8 table, minimal statements": Case("", RAW_SHAPED_CLAIM, STATE_ONLY_FINISH),
     "… no keyed trigger, no running index": Case(
         NO_TRIGGER_NO_RUNNING_INDEX, RAW_SHAPED_CLAIM, STATE_ONLY_FINISH),
