@@ -9,9 +9,13 @@ every PostgreSQL process (the postmaster's live children plus those it has reape
 worker processes and the supervisor, before the backlog is released and once it has
 drained. `--variant` runs SQL on each scratch database before its drain, e.g. to put back
 indexes a migration dropped; the variants and batch settings alternate within each run
-(A B A B ...). Reads `/proc` through psutil, so PostgreSQL must run on this machine: the
-embedded server, or a local one in `DATABASE_URL` whose data directory is readable here.
-The last line is one JSON object.
+(A B A B ...). `--raw` adds the minimal raw loop (`bench/raw.py`, 2 processes, the first
+batch size) to each run, and each configuration's rate as a ratio to the raw loop's in
+that run: with a long drain, the steady state that a 5,000-instance drain on a node
+just started only nears (the raw loop's CPU is not split).
+Reads `/proc` through psutil, so PostgreSQL must run on this machine: the embedded
+server, or a local one in `DATABASE_URL` whose data directory is readable here. The
+last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import psutil
 import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench import engine  # noqa: E402
+from bench import engine, raw  # noqa: E402
 from bench.engine import NodeSettings  # noqa: E402
 from bench.runs import summarised  # noqa: E402
 from bench.server import DATA_DIR, Server  # noqa: E402
@@ -78,6 +82,15 @@ def drain(dsn: str, server: psutil.Process, settings: NodeSettings,
     return {"per_s": figure.per_s, **{f"{group}_us": value for group, value in used.items()}}
 
 
+def raw_drain(dsn: str, batch: int, count: int) -> dict[str, float]:
+    """The raw loop's rate. Its CPU is not split: its backlog and its processes' start
+    fall inside what the counters would show."""
+    figure = raw.drain(dsn, batch, 2, count)
+    if not figure.complete:
+        raise SystemExit(f"cpu_split: the raw drain did not complete ({figure.completed} done)")
+    return {"per_s": figure.per_s}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--instances", type=int, default=30_000)
@@ -86,6 +99,8 @@ def main() -> None:
                         help="batch size / max in flight, one or more")
     parser.add_argument("--variant", action="append", default=[],
                         help="NAME=SQL run on the scratch database before its drain")
+    parser.add_argument("--raw", action="store_true",
+                        help="also the raw loop, and every rate as a ratio to its own")
     args = parser.parse_args()
     variants = {"as migrated": ""} | dict(v.split("=", 1) for v in args.variant)
     batches = [tuple(int(n) for n in text.split("/")) for text in args.batch]
@@ -94,6 +109,15 @@ def main() -> None:
     try:
         pid = postmaster(server.dsn)
         for run in range(args.runs):
+            raw_per_s = None
+            if args.raw:
+                with server.database(migrated=False) as dsn:
+                    figures = raw_drain(dsn, batches[0][0], args.instances)
+                raw_per_s = figures["per_s"]
+                label = f"raw loop, batch {batches[0][0]}, 2 processes"
+                found.setdefault(label, []).append(figures)
+                shown = ", ".join(f"{k} {v:,.1f}" for k, v in figures.items())
+                print(f"run {run + 1}: {label}: {shown}", flush=True)
             for batch, in_flight in batches:
                 for name, sql in variants.items():
                     with server.database() as dsn:
@@ -103,6 +127,8 @@ def main() -> None:
                         label = f"{name}, batch {batch}/{in_flight}"
                         figures = drain(dsn, pid, NodeSettings(
                             workers=2, batch_size=batch, max_in_flight=in_flight), args.instances)
+                        if raw_per_s:
+                            figures["vs_raw"] = figures["per_s"] / raw_per_s
                         found.setdefault(label, []).append(figures)
                         shown = ", ".join(f"{k} {v:,.1f}" for k, v in figures.items())
                         print(f"run {run + 1}: {label}: {shown}", flush=True)

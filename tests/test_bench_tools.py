@@ -46,3 +46,14 @@ def test_pool_check_runs_each_check(server_dsn: str) -> None:
     assert list(summary) == list(CHECKS)
     for name, figures in summary.items():
         assert figures["wall_us"]["median"] > 0 and figures["cpu_us"]["median"] > 0, name
+
+
+def test_cpu_split_drains_beside_the_raw_loop_and_gives_the_ratio(server_dsn: str) -> None:
+    # The tool exits non-zero if either drain leaves an instance unfinished.
+    summary = run_tool(server_dsn, "bench/cpu_split.py", "--runs", "1", "--instances", "500",
+                       "--raw")
+    assert list(summary) == ["raw loop, batch 50, 2 processes", "as migrated, batch 50/100"]
+    node = summary["as migrated, batch 50/100"]
+    raw = summary["raw loop, batch 50, 2 processes"]
+    assert node["vs_raw"]["median"] == node["per_s"]["median"] / raw["per_s"]["median"]
+    assert node["workers_us"]["median"] > 0 and node["postgres_us"]["median"] > 0
