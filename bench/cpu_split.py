@@ -130,7 +130,8 @@ def main() -> None:
                         if raw_per_s:
                             figures["vs_raw"] = figures["per_s"] / raw_per_s
                         found.setdefault(label, []).append(figures)
-                        shown = ", ".join(f"{k} {v:,.1f}" for k, v in figures.items())
+                        shown = ", ".join(f"{k} {v:,.2f}" if k == "vs_raw" else f"{k} {v:,.1f}"
+                                          for k, v in figures.items())
                         print(f"run {run + 1}: {label}: {shown}", flush=True)
     finally:
         server.close()
