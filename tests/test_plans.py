@@ -222,7 +222,9 @@ def test_a_worker_keeps_one_generic_claim_plan_that_reads_the_claim_index(dsn, c
     assert "Index Scan on instances_claim_order" in plans.instance_reads()
 
 
-def test_the_claim_reads_its_index_with_keys_and_waiters_present(dsn, conn):
+def add_keyed(conn: psycopg.Connection[Any], waiting: bool) -> None:
+    """20,000 instances at every priority, a third under 50 keys of two slots each, a
+    quarter scheduled; the keyed ones parked as slot waiters if `waiting`."""
     conn.execute("""
         INSERT INTO instances (id, sequence_name, sequence_version, state, priority,
                                next_fire_at, concurrency_key, max_concurrency)
@@ -232,12 +234,47 @@ def test_the_claim_reads_its_index_with_keys_and_waiters_present(dsn, conn):
                CASE WHEN g % 3 = 0 THEN 'key-' || (g % 50) END,
                CASE WHEN g % 3 = 0 THEN 2 END
         FROM generate_series(1, 20000) AS g""")
-    conn.execute("UPDATE instances SET waiting_for_slot = true "
-                 "WHERE concurrency_key IS NOT NULL AND state = 'scheduled'")
+    if waiting:
+        conn.execute("UPDATE instances SET waiting_for_slot = true "
+                     "WHERE concurrency_key IS NOT NULL AND state = 'scheduled'")
     conn.execute("ANALYZE")
+
+
+def test_the_claim_reads_its_index_with_keys_and_waiters_present(dsn, conn):
+    add_keyed(conn, waiting=True)
     taken, plans = claim(dsn)
     assert len(taken) == 50
     assert "Index Scan on instances_claim_order" in plans.instance_reads()
+    assert plans.instance_reads() <= CLAIM_READS, plans.instance_reads()
+
+
+def test_a_worker_keeps_one_generic_plan_for_keyed_claims_too(dsn, conn):
+    # Keyed candidates send the claim with the slot machinery (`claims.CLAIM`) after the
+    # plain one. Finishing each batch frees its slots, so every claim seats keyed ones.
+    add_keyed(conn, waiting=False)
+
+    async def run() -> tuple[list[int], Plans, list[tuple[int, int]]]:
+        plans = Plans()
+        async with await psycopg.AsyncConnection.connect(explaining(dsn),
+                                                         autocommit=True) as aconn:
+            aconn.add_notice_handler(plans.hear)
+            owner = Owner("n", uuid.uuid4(), 0)
+            taken = []
+            for _ in range(30):
+                batch = await claims.claim(aconn, owner, 50)
+                taken.append(len(batch))
+                await finish_steps(aconn, [
+                    StepDone(id=c.id, epoch=c.epoch, step_id="only", attempt=0,
+                             output_json="{}", next_index=1, last=True) for c in batch])
+            cursor = await aconn.execute(
+                "SELECT generic_plans, custom_plans FROM pg_prepared_statements "
+                "WHERE statement LIKE '%%slot AS MATERIALIZED%%'")
+            return taken, plans, await cursor.fetchall()
+
+    taken, plans, keyed = asyncio.run(run())
+    assert taken == [50] * 30
+    assert keyed and any(generic >= 1 for generic, _ in keyed), keyed
+    assert all(custom <= 5 for _, custom in keyed), keyed
     assert plans.instance_reads() <= CLAIM_READS, plans.instance_reads()
 
 
