@@ -31,7 +31,7 @@ import psycopg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import engine, raw  # noqa: E402
 from bench.engine import NodeSettings  # noqa: E402
-from bench.runs import summarised  # noqa: E402
+from bench.runs import Figure, summarised  # noqa: E402
 from bench.server import DATA_DIR, Server  # noqa: E402
 
 
@@ -76,8 +76,7 @@ def drain(dsn: str, server: psutil.Process, settings: NodeSettings,
         released = backlog.release()
         figure = engine.finish(dsn, backlog, released, timeout_s=300)
         after = cpu_seconds(server)
-    if not figure.complete:
-        raise SystemExit(f"cpu_split: the drain did not complete ({figure.completed} done)")
+    _check(figure, "the drain")
     used = {group: (after[group] - before[group]) * 1e6 / count for group in after}
     return {"per_s": figure.per_s, **{f"{group}_us": value for group, value in used.items()}}
 
@@ -86,9 +85,22 @@ def raw_drain(dsn: str, batch: int, count: int) -> dict[str, float]:
     """The raw loop's rate. Its CPU is not split: its backlog and its processes' start
     fall inside what the counters would show."""
     figure = raw.drain(dsn, batch, 2, count)
-    if not figure.complete:
-        raise SystemExit(f"cpu_split: the raw drain did not complete ({figure.completed} done)")
+    _check(figure, "the raw drain")
     return {"per_s": figure.per_s}
+
+
+def _check(figure: Figure, what: str) -> None:
+    if not figure.complete:
+        raise SystemExit(f"cpu_split: {what} did not complete ({figure.completed} done)")
+
+
+def _record(found: dict[str, list[dict[str, float]]], run: int, label: str,
+            figures: dict[str, float]) -> None:
+    """Keep one run's figures under `label` and print them (a ratio to two decimals)."""
+    found.setdefault(label, []).append(figures)
+    shown = ", ".join(f"{k} {v:,.2f}" if k == "vs_raw" else f"{k} {v:,.1f}"
+                      for k, v in figures.items())
+    print(f"run {run + 1}: {label}: {shown}", flush=True)
 
 
 def main() -> None:
@@ -114,25 +126,18 @@ def main() -> None:
                 with server.database(migrated=False) as dsn:
                     figures = raw_drain(dsn, batches[0][0], args.instances)
                 raw_per_s = figures["per_s"]
-                label = f"raw loop, batch {batches[0][0]}, 2 processes"
-                found.setdefault(label, []).append(figures)
-                shown = ", ".join(f"{k} {v:,.1f}" for k, v in figures.items())
-                print(f"run {run + 1}: {label}: {shown}", flush=True)
+                _record(found, run, f"raw loop, batch {batches[0][0]}, 2 processes", figures)
             for batch, in_flight in batches:
                 for name, sql in variants.items():
                     with server.database() as dsn:
                         if sql:
                             with psycopg.connect(dsn, autocommit=True) as conn:
                                 conn.execute(sql)
-                        label = f"{name}, batch {batch}/{in_flight}"
                         figures = drain(dsn, pid, NodeSettings(
                             workers=2, batch_size=batch, max_in_flight=in_flight), args.instances)
                         if raw_per_s:
                             figures["vs_raw"] = figures["per_s"] / raw_per_s
-                        found.setdefault(label, []).append(figures)
-                        shown = ", ".join(f"{k} {v:,.2f}" if k == "vs_raw" else f"{k} {v:,.1f}"
-                                          for k, v in figures.items())
-                        print(f"run {run + 1}: {label}: {shown}", flush=True)
+                        _record(found, run, f"{name}, batch {batch}/{in_flight}", figures)
     finally:
         server.close()
     print(orjson.dumps(summarised(found)).decode())

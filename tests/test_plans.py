@@ -147,6 +147,32 @@ def finish(dsn: str, ids: list[uuid.UUID]) -> Plans:
     return asyncio.run(run())
 
 
+def claims_on_one_connection(dsn: str, limits: list[int], *, finish_each: bool = False
+                             ) -> tuple[list[int], Plans, list[tuple[str, int, int]]]:
+    """Claim once per limit on one connection, as a worker does all day (completing each
+    batch if `finish_each`, which frees its slots); return how many each claim took, the
+    plans, and the connection's prepared statements with their generic and custom plans."""
+    async def run() -> tuple[list[int], Plans, list[tuple[str, int, int]]]:
+        plans = Plans()
+        async with await psycopg.AsyncConnection.connect(explaining(dsn),
+                                                         autocommit=True) as aconn:
+            aconn.add_notice_handler(plans.hear)
+            owner = Owner("n", uuid.uuid4(), 0)
+            taken = []
+            for limit in limits:
+                batch = await claims.claim(aconn, owner, limit)
+                taken.append(len(batch))
+                if finish_each:
+                    await finish_steps(aconn, [
+                        StepDone(id=c.id, epoch=c.epoch, step_id="only", attempt=0,
+                                 output_json="{}", next_index=1, last=True) for c in batch])
+            cursor = await aconn.execute(
+                "SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements")
+            return taken, plans, await cursor.fetchall()
+
+    return asyncio.run(run())
+
+
 def depth(dsn: str) -> tuple[dict[str, int], Plans]:
     plans = Plans()
     with psycopg.connect(explaining(dsn), autocommit=True) as listening:
@@ -200,19 +226,7 @@ def test_a_worker_keeps_one_generic_claim_plan_that_reads_the_claim_index(dsn, c
     if statistics == "analyzed with the work present":
         conn.execute("ANALYZE instances")
     limits = [50, 33, 41, 64, 50, 37, 50, 45, 58, 50, 36, 50, 50, 44, 50]
-
-    async def run() -> tuple[list[int], Plans, list[tuple[str, int, int]]]:
-        plans = Plans()
-        async with await psycopg.AsyncConnection.connect(explaining(dsn),
-                                                         autocommit=True) as aconn:
-            aconn.add_notice_handler(plans.hear)
-            owner = Owner("n", uuid.uuid4(), 0)
-            taken = [len(await claims.claim(aconn, owner, limit)) for limit in limits]
-            cursor = await aconn.execute(
-                "SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements")
-            return taken, plans, await cursor.fetchall()
-
-    taken, plans, prepared = asyncio.run(run())
+    taken, plans, prepared = claims_on_one_connection(dsn, limits)
     assert taken == limits
     [(_, generic, custom)] = [row for row in prepared if "candidate AS MATERIALIZED" in row[0]]
     # psycopg prepares a statement on its sixth use; PostgreSQL plans the first five
@@ -252,26 +266,9 @@ def test_a_worker_keeps_one_generic_plan_for_keyed_claims_too(dsn, conn):
     # Keyed candidates send the claim with the slot machinery (`claims.CLAIM`) after the
     # plain one. Finishing each batch frees its slots, so every claim seats keyed ones.
     add_keyed(conn, waiting=False)
-
-    async def run() -> tuple[list[int], Plans, list[tuple[int, int]]]:
-        plans = Plans()
-        async with await psycopg.AsyncConnection.connect(explaining(dsn),
-                                                         autocommit=True) as aconn:
-            aconn.add_notice_handler(plans.hear)
-            owner = Owner("n", uuid.uuid4(), 0)
-            taken = []
-            for _ in range(30):
-                batch = await claims.claim(aconn, owner, 50)
-                taken.append(len(batch))
-                await finish_steps(aconn, [
-                    StepDone(id=c.id, epoch=c.epoch, step_id="only", attempt=0,
-                             output_json="{}", next_index=1, last=True) for c in batch])
-            cursor = await aconn.execute(
-                "SELECT generic_plans, custom_plans FROM pg_prepared_statements "
-                "WHERE statement LIKE '%%slot AS MATERIALIZED%%'")
-            return taken, plans, await cursor.fetchall()
-
-    taken, plans, keyed = asyncio.run(run())
+    taken, plans, prepared = claims_on_one_connection(dsn, [50] * 30, finish_each=True)
+    keyed = [(generic, custom) for statement, generic, custom in prepared
+             if "slot AS MATERIALIZED" in statement]
     assert taken == [50] * 30
     assert keyed and any(generic >= 1 for generic, _ in keyed), keyed
     assert all(custom <= 5 for _, custom in keyed), keyed
