@@ -11,6 +11,10 @@ caller cancelled while its outcome waits (a worker told to stop now) is gone, bu
 outcome is still written, and whether it applied is still counted. A stopping worker
 calls `flush()` before it gives its claims back, so a finished step is recorded rather
 than run a second time elsewhere.
+
+Given a `Refill` (the worker), a write may also claim the worker's next batch in the same
+statement (`claims.FINISH_AND_CLAIM`): while a backlog lasts, a batch then costs one round
+trip instead of two. The worker decides, at each write, whether and how much.
 """
 
 from __future__ import annotations
@@ -18,28 +22,53 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 from psycopg_pool import AsyncConnectionPool
 
-from orch8.store.claims import StepDone, refused_steps
+from orch8.store.claims import Owner, Refilled, StepDone, finish_and_claim, refused_steps
 
 log = logging.getLogger("orch8.engine.committer")
 
 Entry = tuple[list[StepDone], "asyncio.Future[set[uuid.UUID]]"]
 
+# Writes in flight at once, each on its own connection. With one, a worker's batches took
+# turns at the database: while one round's outcomes were written, the next round's (and,
+# with a backlog, its next claim) waited, and PostgreSQL sat idle on the other core.
+WRITERS = 2
+
+
+class Refill(Protocol):
+    """Who claims with a write: the worker whose outcomes are written."""
+
+    owner: Owner
+
+    def reserve(self, finishing: Sequence[StepDone]) -> int:
+        """How many to claim with the write of `finishing` (0: none); that many slots
+        stay promised until `claimed` or `lost` is called with the same number."""
+
+    def claimed(self, refilled: Refilled, reserved: int) -> None:
+        """The write committed: here is what it claimed (before its callers hear)."""
+
+    def lost(self, reserved: int) -> None:
+        """The write failed: it may have committed, claims and all, with its reply lost."""
+
 
 class StepCommitter:
     def __init__(self, pool: AsyncConnectionPool, linger_s: float, max_batch: int = 500,
-                 on_refused: Callable[[int], None] | None = None) -> None:
+                 on_refused: Callable[[int], None] | None = None,
+                 refill: Refill | None = None) -> None:
         self._pool = pool
+        self._refill = refill
         self._linger_s = linger_s
         self._max_batch = max_batch
         self._on_refused = on_refused
         self._pending: list[Entry] = []
         self._arrived = asyncio.Event()
-        # Held while a batch is taken and written: `flush()` waits for a write in flight.
-        self._writing = asyncio.Lock()
+        # One permit per write in flight; `flush()` waits for those too.
+        self._writers = asyncio.Semaphore(WRITERS)
+        self._writes: set[asyncio.Task[None]] = set()
 
     async def finish_many(self, done: list[StepDone]) -> set[uuid.UUID]:
         """Record step successes; return the ids refused (their claims were lost)."""
@@ -56,26 +85,44 @@ class StepCommitter:
 
     async def run(self) -> None:
         """Write batches until cancelled; a failed write fails that batch's callers only."""
-        while True:
-            await self._arrived.wait()
-            if self._linger_s:
-                await asyncio.sleep(self._linger_s)
-            await self._write_next()
+        try:
+            while True:
+                await self._arrived.wait()
+                if self._linger_s:
+                    await asyncio.sleep(self._linger_s)
+                await self._writers.acquire()
+                batch = self._next()
+                if not batch:
+                    self._writers.release()
+                    continue
+                write = asyncio.create_task(self._write_and_release(batch))
+                self._writes.add(write)
+                write.add_done_callback(self._writes.discard)
+        finally:
+            for write in self._writes:  # after `flush()`: nobody waits for them
+                write.cancel()
 
     async def flush(self) -> None:
-        """Write every outcome handed over so far, and wait for a write in flight."""
+        """Write every outcome handed over so far, and wait for the writes in flight."""
         while self._pending:
-            await self._write_next()
-        async with self._writing:
-            pass
+            async with self._writers:
+                batch = self._next()
+                if batch:
+                    await self._write(batch)
+        if self._writes:
+            await asyncio.wait(set(self._writes))
 
-    async def _write_next(self) -> None:
-        async with self._writing:
-            batch = self._take()
-            if not self._pending:
-                self._arrived.clear()
-            if batch:
-                await self._write(batch)
+    async def _write_and_release(self, batch: list[Entry]) -> None:
+        try:
+            await self._write(batch)
+        finally:
+            self._writers.release()
+
+    def _next(self) -> list[Entry]:
+        batch = self._take()
+        if not self._pending:
+            self._arrived.clear()
+        return batch
 
     def _take(self) -> list[Entry]:
         """Whole entries, up to `max_batch` outcomes (always at least one entry)."""
@@ -89,16 +136,33 @@ class StepCommitter:
         return batch
 
     async def _write(self, batch: list[Entry]) -> None:
+        done = [d for entries, _ in batch for d in entries]
+        limit = self._refill.reserve(done) if self._refill is not None else 0
         try:
-            async with self._pool.connection() as conn:
-                refused = await refused_steps(conn, [d for done, _ in batch for d in done])
-        except Exception as error:  # the callers decide whether to try again
-            for _, future in batch:
+            refused, refilled = await self._send(done, limit)
+        except BaseException as error:
+            if limit:
+                self._refill.lost(limit)  # type: ignore[union-attr]
+            if not isinstance(error, Exception):
+                raise  # cancelled: the worker is going away
+            for _, future in batch:  # the callers decide whether to try again
                 if not future.done():
                     future.set_exception(error)
             return
-        for done, future in batch:
+        if refilled is not None:
+            self._refill.claimed(refilled, limit)  # type: ignore[union-attr]
+        for entries, future in batch:
             if not future.done():
-                future.set_result({d.id for d in done if d.id in refused} if refused else set())
+                future.set_result({d.id for d in entries if d.id in refused}
+                                  if refused else set())
         if refused and self._on_refused is not None:
             self._on_refused(len(refused))
+
+    async def _send(self, done: list[StepDone],
+                    limit: int) -> tuple[set[uuid.UUID], Refilled | None]:
+        async with self._pool.connection() as conn:
+            if not limit:
+                return await refused_steps(conn, done), None
+            assert self._refill is not None
+            refilled = await finish_and_claim(conn, done, self._refill.owner, limit)
+            return refilled.refused, refilled

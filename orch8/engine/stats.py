@@ -34,6 +34,9 @@ METRICS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 # Counter -> (metric name without `_total`, help text). The names are the public metrics.
 COUNTER_METRICS = {
     "claimed": ("orch8_instances_claimed", "Instances claimed by this node's workers."),
+    "claimed_with_finish": ("orch8_instances_claimed_with_finish",
+                            "Of those claimed, the ones claimed by the statement that recorded "
+                            "earlier steps' outcomes (one round trip; while a backlog lasts)."),
     "steps_executed": ("orch8_steps_executed", "Step handler runs finished (any outcome)."),
     "completed": ("orch8_instances_completed", "Instances that completed."),
     "failed": ("orch8_instances_failed", "Instances that failed (moved to the dead letter)."),

@@ -220,7 +220,11 @@ async def claim(conn: psycopg.AsyncConnection[Any], owner: Owner, limit: int) ->
     claimed, keyed = await _claim_plain(conn, owner, limit)
     if keyed:
         claimed += await _claim_keyed(conn, owner, limit - len(claimed))
-    # RETURNING does not keep the scan's order; start the most urgent first.
+    return most_urgent_first(claimed)
+
+
+def most_urgent_first(claimed: list[Claimed]) -> list[Claimed]:
+    """RETURNING does not keep the scan's order; start the most urgent first."""
     claimed.sort(key=lambda c: (-c.priority, -c.lateness_s))
     return claimed
 
@@ -267,7 +271,7 @@ _PRIORITIES = tuple(Priority)  # by value (0-3): an index, not an enum lookup pe
 
 
 def bounded(statement: str, limit: int) -> str:
-    """`CLAIM` or `CLAIM_PLAIN` as sent for a claim of up to `limit`: a few texts in all
+    """A claim statement as sent for a claim of up to `limit`: a few texts in all
     (one per power of two), each prepared once per connection."""
     return _with_bound(statement, 1 << max(limit - 1, 0).bit_length())
 
@@ -278,7 +282,7 @@ def _with_bound(statement: str, bound: int) -> str:
 
 
 def claim_params(owner: Owner, limit: int) -> dict[str, Any]:
-    """The parameters of `CLAIM` and `CLAIM_PLAIN`."""
+    """The claim's parameters (in `CLAIM`, `CLAIM_PLAIN` and `FINISH_AND_CLAIM`)."""
     return {"node_id": owner.node_id, "incarnation": owner.incarnation, "slot": owner.slot,
             "limit": limit}
 
@@ -320,8 +324,9 @@ class StepDone(NamedTuple):
 # a cost that grew with the cluster's load rather than with the batch.
 # The batch travels as one JSON document: encoding it with orjson costs far less than
 # adapting seven parameter arrays element by element (orjson writes UUIDs itself, too).
-FINISH_STEPS = """
-WITH done AS (
+# `{gate}` is empty here; `FINISH_AND_CLAIM` fills it (see there).
+FINISHED = """
+done AS (
     SELECT * FROM jsonb_to_recordset(%(batch)s::jsonb) AS d(
         id uuid, epoch bigint, step_id text, attempt int, output jsonb, next_index int,
         last bool)
@@ -334,7 +339,7 @@ WITH done AS (
     -- The step index too: a write retried after its reply was lost must not apply twice.
     WHERE i.id = ANY (ARRAY(SELECT id FROM done)) AND i.id = d.id
       AND i.claim_epoch = d.epoch AND (i.state = 'running') IS TRUE
-      AND i.step_index = d.next_index - 1
+      AND i.step_index = d.next_index - 1 {gate}
     RETURNING i.id
 ), recorded AS (
     INSERT INTO step_outputs (instance_id, step_id, output, attempt)
@@ -342,7 +347,10 @@ WITH done AS (
     FROM done d JOIN advanced a ON a.id = d.id
     ON CONFLICT (instance_id, step_id) DO UPDATE
         SET output = excluded.output, attempt = excluded.attempt, created_at = now()
-)
+)"""
+
+FINISH_STEPS = f"""
+WITH {FINISHED.replace("{gate}", "")}
 -- The refused, not the applied: almost always none, so the answer costs nothing to read.
 SELECT id FROM done WHERE id NOT IN (SELECT id FROM advanced)
 """
@@ -363,6 +371,56 @@ def finish_params(done: Sequence[StepDone]) -> dict[str, Any]:
          "output": orjson.Fragment(d.output_json), "next_index": d.next_index, "last": d.last}
         for d in done
     ]).decode()}
+
+
+# While a backlog lasts, a worker records a round's outcomes and claims its next batch in
+# one statement (one round trip, one transaction) instead of two: the plain claim of
+# `CLAIM_PLAIN` beside the fenced finish of `FINISH_STEPS`, each as it is alone. Two
+# statements per batch cost a minimal loop of orch8's own SQL a quarter of its rate.
+#
+# Lock order (orch8.store.nodes): the node row before any instance row. The claim reads
+# the node row FOR KEY SHARE, and a registration holding it FOR UPDATE then releases the
+# old incarnation's instances; a finish that had locked some of those and then waited for
+# the node row would deadlock with it. So the finish's UPDATE is gated on `replaced` (a
+# one-time test, made before the UPDATE reads its first row), which also refuses nothing
+# the fence would have let through: a replaced or dead incarnation's claims were released
+# with their epoch bumped.
+FINISH_AND_CLAIM = f"""
+WITH {CLAIMER_REPLACED},
+{FINISHED.replace("{gate}", "AND NOT EXISTS (SELECT 1 FROM replaced)")},
+candidate AS MATERIALIZED ({BOUNDED_CANDIDATES}), claimed AS (
+    UPDATE instances i {TAKE}
+    WHERE i.id = ANY (ARRAY(SELECT id FROM candidate WHERE key IS NULL)) {TAKEN}
+)
+SELECT claimed.*, keyed.count AS keyed, refused.ids AS refused
+FROM (SELECT count(*) FROM candidate WHERE key IS NOT NULL) AS keyed
+CROSS JOIN (
+    SELECT array_agg(id) AS ids FROM done WHERE id NOT IN (SELECT id FROM advanced)
+) AS refused
+LEFT JOIN claimed ON true
+"""
+
+
+@dataclass(frozen=True)
+class Refilled:
+    """What `finish_and_claim` did: the outcomes the fence refused, what it claimed, and
+    how many due candidates it left for the keyed claim (`claim` takes those)."""
+
+    refused: set[uuid.UUID]
+    claimed: list[Claimed]
+    keyed: int
+
+
+async def finish_and_claim(conn: psycopg.AsyncConnection[Any], done: Sequence[StepDone],
+                           owner: Owner, limit: int) -> Refilled:
+    """Record step successes as `refused_steps` does, and claim up to `limit` due unkeyed
+    instances as `claim` does, in one statement."""
+    params = claim_params(owner, limit) | finish_params(done)
+    cursor = await conn.execute(bounded(FINISH_AND_CLAIM, limit), params)
+    rows = await cursor.fetchall()
+    keyed, refused = rows[0][-2], rows[0][-1]  # always one row: the LEFT JOIN's
+    claimed = [_claimed(row) for row in rows if row[0] is not None]
+    return Refilled(set(refused or ()), most_urgent_first(claimed), int(keyed))
 
 
 # Whether an outcome written under this claim has already moved the instance past the step
