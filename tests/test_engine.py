@@ -339,3 +339,60 @@ def test_a_claim_whose_reply_was_lost_is_given_back_and_run(dsn, client):
     assert all(found[i][0] == "completed" and found[i][1] >= 3 for i in lost)
     # The earlier process's claim is left for the supervisor to settle.
     assert found[earlier] == ("running", 1, incarnation)
+
+
+BATCHES = Settings(tick_interval_ms=20, commit_linger_ms=0.0, drain_timeout_s=10,
+                   batch_size=20, max_in_flight=40)
+
+
+def test_with_a_backlog_a_worker_claims_its_next_batches_with_its_writes(dsn, client):
+    import psycopg
+
+    client.create_sequence("backlog", [{"id": "a", "handler": "noop"}])
+    created = [c.id for c in client.start_many([{"sequence": "backlog"}] * 400)]
+    [worker] = run_workers_until(dsn, finished(client, *created), settings=BATCHES)
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute("SELECT state, claim_epoch, count(*) FROM instances "
+                            "GROUP BY 1, 2").fetchall()
+        outputs = conn.execute("SELECT count(*) FROM step_outputs").fetchone()[0]
+    # Each claimed once (epoch 1), completed, its output recorded.
+    assert rows == [("completed", 1, 400)]
+    assert outputs == 400
+    counts = worker.stats.counts
+    assert counts["claimed"] == 400 and counts["fenced_rejected"] == 0
+    # Most batches came with the write that recorded the one before: the first two
+    # batches (the worker's 40 slots) and the tail cannot.
+    assert counts["claimed_with_finish"] >= 400 - 3 * BATCHES.batch_size, counts
+
+
+def test_a_backlog_survives_the_database_dropping_connections_mid_write(dsn, client):
+    import psycopg
+
+    client.create_sequence("dropped", [{"id": "a", "handler": "noop"},
+                                       {"id": "b", "handler": "noop"}])
+    created = [c.id for c in client.start_many([{"sequence": "dropped"}] * 600)]
+    client.close()
+    drops: list[int] = []
+
+    def drop_at_thresholds() -> bool:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            completed = conn.execute(
+                "SELECT count(*) FROM instances WHERE state = 'completed'").fetchone()[0]
+            # Whatever each connection is doing then: a claim, a write that also claims,
+            # a plain write. Each drop may lose a reply after its commit.
+            if len(drops) < 3 and completed >= 100 * (len(drops) + 1):
+                drops.append(conn.execute(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                ).fetchone()[0])
+        return completed == len(created)
+
+    [worker] = run_workers_until(dsn, drop_at_thresholds, settings=BATCHES, timeout_s=60)
+    assert len(drops) == 3 and all(drops)
+    with psycopg.connect(dsn) as conn:
+        states = conn.execute("SELECT state, count(*) FROM instances GROUP BY 1").fetchall()
+        outputs = conn.execute("SELECT step_id, count(*) FROM step_outputs "
+                               "GROUP BY 1 ORDER BY 1").fetchall()
+    assert states == [("completed", 600)]
+    assert outputs == [("a", 600), ("b", 600)]
+    assert worker.stats.counts["claimed_with_finish"] > 0

@@ -147,30 +147,44 @@ def finish(dsn: str, ids: list[uuid.UUID]) -> Plans:
     return asyncio.run(run())
 
 
-def claims_on_one_connection(dsn: str, limits: list[int], *, finish_each: bool = False
+def claims_on_one_connection(dsn: str, limits: list[int], *, finish_each: bool = False,
+                             with_finish: bool = False
                              ) -> tuple[list[int], Plans, list[tuple[str, int, int]]]:
     """Claim once per limit on one connection, as a worker does all day (completing each
-    batch if `finish_each`, which frees its slots); return how many each claim took, the
-    plans, and the connection's prepared statements with their generic and custom plans."""
+    batch if `finish_each`, which frees its slots; or, `with_finish`, claiming each batch
+    after the first with the statement that completes the one before it); return how many
+    each claim took, the plans, and the connection's prepared statements with their
+    generic and custom plans."""
     async def run() -> tuple[list[int], Plans, list[tuple[str, int, int]]]:
         plans = Plans()
         async with await psycopg.AsyncConnection.connect(explaining(dsn),
                                                          autocommit=True) as aconn:
             aconn.add_notice_handler(plans.hear)
             owner = Owner("n", uuid.uuid4(), 0)
-            taken = []
+            taken: list[int] = []
+            batch: list[claims.Claimed] = []
             for limit in limits:
-                batch = await claims.claim(aconn, owner, limit)
+                if with_finish and batch:
+                    refilled = await claims.finish_and_claim(aconn, completed(batch), owner,
+                                                             limit)
+                    assert refilled.refused == set()
+                    batch = refilled.claimed
+                else:
+                    batch = await claims.claim(aconn, owner, limit)
                 taken.append(len(batch))
                 if finish_each:
-                    await finish_steps(aconn, [
-                        StepDone(id=c.id, epoch=c.epoch, step_id="only", attempt=0,
-                                 output_json="{}", next_index=1, last=True) for c in batch])
+                    await finish_steps(aconn, completed(batch))
             cursor = await aconn.execute(
                 "SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements")
             return taken, plans, await cursor.fetchall()
 
     return asyncio.run(run())
+
+
+def completed(batch: list[claims.Claimed]) -> list[StepDone]:
+    """The one step of each claimed (one-step) instance, done."""
+    return [StepDone(id=c.id, epoch=c.epoch, step_id="only", attempt=0, output_json="{}",
+                     next_index=1, last=True) for c in batch]
 
 
 def depth(dsn: str) -> tuple[dict[str, int], Plans]:
@@ -231,6 +245,24 @@ def test_a_worker_keeps_one_generic_claim_plan_that_reads_the_claim_index(dsn, c
     [(_, generic, custom)] = [row for row in prepared if "candidate AS MATERIALIZED" in row[0]]
     # psycopg prepares a statement on its sixth use; PostgreSQL plans the first five
     # prepared runs afresh, then compares.
+    assert generic >= 1 and custom <= 5, (generic, custom)
+    assert plans.instance_reads() <= CLAIM_READS, plans.instance_reads()
+    assert "Index Scan on instances_claim_order" in plans.instance_reads()
+
+
+@pytest.mark.parametrize("statistics", [*STATISTICS, "analyzed with the work present"])
+def test_finishing_and_claiming_at_once_keeps_one_generic_plan_too(dsn, conn, statistics):
+    # With a backlog, a worker claims its next batch in the statement that records the
+    # last one's outcomes: that statement must settle on one plan as the claim does, read
+    # the claim index for its candidates and find the rows it finishes by id.
+    prepare(conn, statistics)
+    add(conn, 20_000, every_priority=True)
+    if statistics == "analyzed with the work present":
+        conn.execute("ANALYZE instances")
+    limits = [50, 33, 41, 64, 50, 37, 50, 45, 58, 50, 36, 50, 50, 44, 50]
+    taken, plans, prepared = claims_on_one_connection(dsn, limits, with_finish=True)
+    assert taken == limits
+    [(_, generic, custom)] = [row for row in prepared if "jsonb_to_recordset" in row[0]]
     assert generic >= 1 and custom <= 5, (generic, custom)
     assert plans.instance_reads() <= CLAIM_READS, plans.instance_reads()
     assert "Index Scan on instances_claim_order" in plans.instance_reads()
