@@ -1,9 +1,10 @@
 """orch8's own statements in the smallest loop: what the schema and the SQL cost by
 themselves, with no engine around them.
 
-Each process claims a batch with orch8's claim statement (`claims.CLAIM_PLAIN`, the one a
-worker sends when no candidate has a concurrency key) and records every instance's one
-step as done, output `{}`, with orch8's fenced finish (`claims.FINISH_STEPS`), with plain
+Each process sends what a worker sends while a backlog lasts: a first claim
+(`claims.CLAIM_PLAIN`, the one a worker sends when no candidate has a concurrency key),
+then, batch after batch, one statement that records every instance's one step as done
+(output `{}`, fenced) and claims the next batch (`claims.FINISH_AND_CLAIM`), with plain
 psycopg (no pool, no asyncio, no handler, no supervisor). Between the raw loop and a real
 node it splits the gap in two: the raw loop / this loop is the price of orch8's schema and
 statements, this loop / the node the price of the engine (handlers, executor, asyncio,
@@ -30,21 +31,26 @@ LAST_FINISHED = "SELECT max(finished_at) FROM instances WHERE sequence_name = %(
 
 
 def loop(signals: Signals, slot: int, dsn: str, batch: int) -> None:
-    """One process: claim, finish, count; sleep 5 ms when nothing is there. Its node id
-    has no `cluster_nodes` row, which the claim does not check (a worker run alone)."""
+    """One process: claim; then finish the batch and claim the next at once, counting;
+    sleep 5 ms when nothing is there. Its node id has no `cluster_nodes` row, which the
+    claim does not check (a worker run alone)."""
     params = claims.claim_params(Owner(f"own-sql-{slot}", uuid.uuid4(), slot), batch)
     claim = claims.bounded(claims.CLAIM_PLAIN, batch)
+    finish_and_claim = claims.bounded(claims.FINISH_AND_CLAIM, batch)
     with psycopg.connect(dsn, autocommit=True) as conn:
         signals.await_go()
+        done: list[StepDone] = []
         while not signals.stop.is_set():
-            rows = conn.execute(claim, params).fetchall()
+            if done:
+                rows = conn.execute(finish_and_claim,
+                                    params | claims.finish_params(done)).fetchall()
+                signals.count(len(done))
+            else:
+                rows = conn.execute(claim, params).fetchall()
             done = [StepDone(row[0], row[1], STEP, 1, "{}", 1, True)
                     for row in rows if row[0] is not None]
             if not done:
                 time.sleep(0.005)
-                continue
-            conn.execute(claims.FINISH_STEPS, claims.finish_params(done)).fetchall()
-            signals.count(len(done))
 
 
 def drain(dsn: str, batch: int, processes: int, count: int, timeout_s: float = 300) -> Figure:

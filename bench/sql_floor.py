@@ -9,6 +9,8 @@ drift touches every case alike because they alternate within each run. The cases
 
 - `raw loop`: the minimal raw loop's table and statements (`bench/raw.py`).
 - `orch8`: orch8's claim (`claims.CLAIM_PLAIN`) and fenced finish (`claims.FINISH_STEPS`).
+- `orch8, finish and claim at once`: what a worker sends while a backlog lasts, one
+  statement that finishes a batch and claims the next (`claims.FINISH_AND_CLAIM`).
 - `orch8, planned afresh each call`: the same, with PostgreSQL made to plan each call
   again (`plan_cache_mode = force_custom_plan`): what planning costs. The claim was planned
   so whenever the statistics knew a backlog, until it was given a literal bound.
@@ -120,11 +122,16 @@ class Case:
     claim: str
     finish: str
     finish_params: Callable[[list[StepDone]], dict[str, Any]] = claims.finish_params
+    # Each finish also claims the next batch (`finish` is then that statement).
+    claims_with_finish: bool = False
 
 
 CASES: dict[str, Case | None] = {
     "raw loop": None,
     "orch8": Case("", claims.bounded(claims.CLAIM_PLAIN, BATCH), claims.FINISH_STEPS),
+    "orch8, finish and claim at once": Case(
+        "", claims.bounded(claims.CLAIM_PLAIN, BATCH),
+        claims.bounded(claims.FINISH_AND_CLAIM, BATCH), claims_with_finish=True),
     "orch8, planned afresh each call": Case(
         "SET plan_cache_mode = force_custom_plan", claims.bounded(claims.CLAIM_PLAIN, BATCH),
         claims.FINISH_STEPS),
@@ -186,13 +193,18 @@ def orch8_case(dsn: str, count: int, case: Case) -> dict[str, float]:
 
         def loop() -> int:
             finished = 0
+            rows = conn.execute(case.claim, params).fetchall()
             while True:
-                rows = conn.execute(case.claim, params).fetchall()
                 done = [StepDone(row[0], row[1], step, 1, "{}", 1, True)
                         for row in rows if row[0] is not None]
                 if not done:
                     return finished
-                conn.execute(case.finish, case.finish_params(done)).fetchall()
+                if case.claims_with_finish:
+                    rows = conn.execute(case.finish,
+                                        params | case.finish_params(done)).fetchall()
+                else:
+                    conn.execute(case.finish, case.finish_params(done)).fetchall()
+                    rows = conn.execute(case.claim, params).fetchall()
                 finished += len(done)
 
         return measured(conn, count, loop)
