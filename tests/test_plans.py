@@ -228,41 +228,37 @@ def test_the_claim_reads_its_index_whatever_the_statistics(dsn, conn, statistics
     assert "Index Scan on instances_claim_order" in plans.instance_reads()
 
 
+# How a worker claims: by itself, or (while a backlog lasts) in the statement that records
+# the outcomes of its last batch; and which of its prepared statements that is.
+CLAIMING = {
+    "alone": (False, lambda text: "candidate AS MATERIALIZED" in text
+              and "jsonb_to_recordset" not in text),
+    "with the finish": (True, lambda text: "candidate AS MATERIALIZED" in text
+                        and "jsonb_to_recordset" in text),
+}
+
+
+@pytest.mark.parametrize("claiming", CLAIMING)
 @pytest.mark.parametrize("statistics", [*STATISTICS, "analyzed with the work present"])
-def test_a_worker_keeps_one_generic_claim_plan_that_reads_the_claim_index(dsn, conn, statistics):
+def test_a_worker_keeps_one_generic_claim_plan_that_reads_the_claim_index(dsn, conn, statistics,
+                                                                          claiming):
     # A worker claims on the same connections all day, with limits that vary with its free
     # slots. PostgreSQL must settle on one plan for the prepared claim (not plan each one
     # afresh), and that plan must read what a fresh one reads and take exactly the limit.
     # Statistics that know the backlog (autovacuum analyzes during a long one) are what
-    # used to make every claim planned afresh.
+    # used to make every claim planned afresh. The same holds for the statement that
+    # finishes a batch and claims the next, which must also find what it finishes by id.
     prepare(conn, statistics)
     add(conn, 20_000, every_priority=True)
     if statistics == "analyzed with the work present":
         conn.execute("ANALYZE instances")
     limits = [50, 33, 41, 64, 50, 37, 50, 45, 58, 50, 36, 50, 50, 44, 50]
-    taken, plans, prepared = claims_on_one_connection(dsn, limits)
+    with_finish, is_claim = CLAIMING[claiming]
+    taken, plans, prepared = claims_on_one_connection(dsn, limits, with_finish=with_finish)
     assert taken == limits
-    [(_, generic, custom)] = [row for row in prepared if "candidate AS MATERIALIZED" in row[0]]
+    [(_, generic, custom)] = [row for row in prepared if is_claim(row[0])]
     # psycopg prepares a statement on its sixth use; PostgreSQL plans the first five
     # prepared runs afresh, then compares.
-    assert generic >= 1 and custom <= 5, (generic, custom)
-    assert plans.instance_reads() <= CLAIM_READS, plans.instance_reads()
-    assert "Index Scan on instances_claim_order" in plans.instance_reads()
-
-
-@pytest.mark.parametrize("statistics", [*STATISTICS, "analyzed with the work present"])
-def test_finishing_and_claiming_at_once_keeps_one_generic_plan_too(dsn, conn, statistics):
-    # With a backlog, a worker claims its next batch in the statement that records the
-    # last one's outcomes: that statement must settle on one plan as the claim does, read
-    # the claim index for its candidates and find the rows it finishes by id.
-    prepare(conn, statistics)
-    add(conn, 20_000, every_priority=True)
-    if statistics == "analyzed with the work present":
-        conn.execute("ANALYZE instances")
-    limits = [50, 33, 41, 64, 50, 37, 50, 45, 58, 50, 36, 50, 50, 44, 50]
-    taken, plans, prepared = claims_on_one_connection(dsn, limits, with_finish=True)
-    assert taken == limits
-    [(_, generic, custom)] = [row for row in prepared if "jsonb_to_recordset" in row[0]]
     assert generic >= 1 and custom <= 5, (generic, custom)
     assert plans.instance_reads() <= CLAIM_READS, plans.instance_reads()
     assert "Index Scan on instances_claim_order" in plans.instance_reads()
