@@ -117,8 +117,9 @@ class Worker:
                                   refill=self)
         limits = LimitWatch(pool)
         self._stop = stop
-        self._executor = executor = Executor(pool, committer, self._registry, self.stats, threads,
+        executor = Executor(pool, committer, self._registry, self.stats, threads,
                             lambda: self._draining, limits)
+        self._executor = executor  # for the batches a write claims (`claimed`)
         # Know the rate-limited handlers before the first step runs.
         with contextlib.suppress(psycopg.OperationalError, OSError):
             await limits.run_once()
