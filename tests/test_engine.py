@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 import uuid
@@ -341,8 +342,7 @@ def test_a_claim_whose_reply_was_lost_is_given_back_and_run(dsn, client):
     assert found[earlier] == ("running", 1, incarnation)
 
 
-BATCHES = Settings(tick_interval_ms=20, commit_linger_ms=0.0, drain_timeout_s=10,
-                   batch_size=20, max_in_flight=40)
+BATCHES = dataclasses.replace(FAST, batch_size=20, max_in_flight=40)
 
 
 def test_with_a_backlog_a_worker_claims_its_next_batches_with_its_writes(dsn, client):

@@ -12,7 +12,7 @@ outcome is still written, and whether it applied is still counted. A stopping wo
 calls `flush()` before it gives its claims back, so a finished step is recorded rather
 than run a second time elsewhere.
 
-Given a `Refill` (the worker), a write may also claim the worker's next batch in the same
+Through its `Refill` (the worker), a write may also claim the worker's next batch in the same
 statement (`claims.FINISH_AND_CLAIM`): while a backlog lasts, a batch then costs one round
 trip instead of two. The worker decides, at each write, whether and how much.
 """
@@ -56,9 +56,8 @@ class Refill(Protocol):
 
 
 class StepCommitter:
-    def __init__(self, pool: AsyncConnectionPool, linger_s: float, max_batch: int = 500,
-                 on_refused: Callable[[int], None] | None = None,
-                 refill: Refill | None = None) -> None:
+    def __init__(self, pool: AsyncConnectionPool, refill: Refill, linger_s: float,
+                 max_batch: int = 500, on_refused: Callable[[int], None] | None = None) -> None:
         self._pool = pool
         self._refill = refill
         self._linger_s = linger_s
@@ -137,12 +136,12 @@ class StepCommitter:
 
     async def _write(self, batch: list[Entry]) -> None:
         done = [d for entries, _ in batch for d in entries]
-        limit = self._refill.reserve(done) if self._refill is not None else 0
+        limit = self._refill.reserve(done)
         try:
             refused, refilled = await self._send(done, limit)
         except BaseException as error:
             if limit:
-                self._refill.lost(limit)  # type: ignore[union-attr]
+                self._refill.lost(limit)
             if not isinstance(error, Exception):
                 raise  # cancelled: the worker is going away
             for _, future in batch:  # the callers decide whether to try again
@@ -150,7 +149,7 @@ class StepCommitter:
                     future.set_exception(error)
             return
         if refilled is not None:
-            self._refill.claimed(refilled, limit)  # type: ignore[union-attr]
+            self._refill.claimed(refilled, limit)  # before its callers hear: see `Refill`
         for entries, future in batch:
             if not future.done():
                 future.set_result({d.id for d in entries if d.id in refused}
@@ -160,9 +159,9 @@ class StepCommitter:
 
     async def _send(self, done: list[StepDone],
                     limit: int) -> tuple[set[uuid.UUID], Refilled | None]:
+        """The write: with `limit`, the claim of as many rides along."""
         async with self._pool.connection() as conn:
             if not limit:
                 return await refused_steps(conn, done), None
-            assert self._refill is not None
             refilled = await finish_and_claim(conn, done, self._refill.owner, limit)
             return refilled.refused, refilled

@@ -111,10 +111,9 @@ class Worker:
             self._started_at = (await (await conn.execute("SELECT now()")).fetchall())[0][0]
         threads = ThreadPoolExecutor(max_workers=min(64, self.settings.max_in_flight),
                                      thread_name_prefix="orch8-handler")
-        committer = StepCommitter(pool, self.settings.commit_linger_ms / 1000,
+        committer = StepCommitter(pool, self, self.settings.commit_linger_ms / 1000,
                                   self.settings.commit_max_batch,
-                                  lambda refused: self.stats.add("fenced_rejected", refused),
-                                  refill=self)
+                                  lambda refused: self.stats.add("fenced_rejected", refused))
         limits = LimitWatch(pool)
         self._stop = stop
         executor = Executor(pool, committer, self._registry, self.stats, threads,
@@ -168,8 +167,7 @@ class Worker:
         while claims may be unknown (a failed claim or write). Those slots are promised
         until `claimed` or `lost`."""
         if (not self._last_claim_full or self._draining or self._orphans
-                or self._claim_unsure or self._executor is None
-                or self._stop is None or self._stop.is_set()):
+                or self._claim_unsure or self._stop is None or self._stop.is_set()):
             return 0
         leaving = sum(1 for done in finishing if done.last)
         limit = min(self.settings.batch_size, self.free_slots + leaving)

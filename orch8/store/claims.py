@@ -235,7 +235,7 @@ async def _claim_plain(
     cursor = await conn.execute(bounded(CLAIM_PLAIN, limit), claim_params(owner, limit))
     rows = await cursor.fetchall()
     keyed = int(rows[0][-1]) if rows else 0
-    return [_claimed(row) for row in rows if row[0] is not None], keyed
+    return _claims_in(rows), keyed
 
 
 async def _claim_keyed(
@@ -256,7 +256,13 @@ async def _claim_round(
     cursor = await conn.execute(bounded(CLAIM, limit), claim_params(owner, limit))
     rows = await cursor.fetchall()
     parked = int(rows[0][-1]) if rows else 0
-    return [_claimed(row) for row in rows if row[0] is not None], parked
+    return _claims_in(rows), parked
+
+
+def _claims_in(rows: list[tuple[Any, ...]]) -> list[Claimed]:
+    """The claimed rows of a claim statement's answer: its trailing counts are LEFT JOINed
+    to what it claimed, so a claim that took nothing answers one row of NULLs."""
+    return [_claimed(row) for row in rows if row[0] is not None]
 
 
 def _claimed(row: tuple[Any, ...]) -> Claimed:
@@ -419,8 +425,7 @@ async def finish_and_claim(conn: psycopg.AsyncConnection[Any], done: Sequence[St
     cursor = await conn.execute(bounded(FINISH_AND_CLAIM, limit), params)
     rows = await cursor.fetchall()
     keyed, refused = rows[0][-2], rows[0][-1]  # always one row: the LEFT JOIN's
-    claimed = [_claimed(row) for row in rows if row[0] is not None]
-    return Refilled(set(refused or ()), most_urgent_first(claimed), int(keyed))
+    return Refilled(set(refused or ()), most_urgent_first(_claims_in(rows)), int(keyed))
 
 
 # Whether an outcome written under this claim has already moved the instance past the step
