@@ -32,8 +32,9 @@ LAST_FINISHED = "SELECT max(finished_at) FROM instances WHERE sequence_name = %(
 
 def loop(signals: Signals, slot: int, dsn: str, batch: int) -> None:
     """One process: claim; then finish the batch and claim the next at once, counting;
-    sleep 5 ms when nothing is there. Its node id has no `cluster_nodes` row, which the
-    claim does not check (a worker run alone)."""
+    sleep 5 ms when nothing is there; send a statement PostgreSQL rolled back again. Its
+    node id has no `cluster_nodes` row, which the claim does not check (a worker run
+    alone)."""
     params = claims.claim_params(Owner(f"own-sql-{slot}", uuid.uuid4(), slot), batch)
     claim = claims.bounded(claims.CLAIM_PLAIN, batch)
     finish_and_claim = claims.bounded(claims.FINISH_AND_CLAIM, batch)
@@ -41,12 +42,15 @@ def loop(signals: Signals, slot: int, dsn: str, batch: int) -> None:
         signals.await_go()
         done: list[StepDone] = []
         while not signals.stop.is_set():
+            try:
+                rows = (conn.execute(finish_and_claim, params | claims.finish_params(done))
+                        if done else conn.execute(claim, params)).fetchall()
+            except psycopg.Error as error:
+                if not claims.rolled_back(error):
+                    raise
+                continue  # rolled back whole (a deadlock's victim): again, as a worker does
             if done:
-                rows = conn.execute(finish_and_claim,
-                                    params | claims.finish_params(done)).fetchall()
                 signals.count(len(done))
-            else:
-                rows = conn.execute(claim, params).fetchall()
             done = [StepDone(row[0], row[1], STEP, 1, "{}", 1, True)
                     for row in rows if row[0] is not None]
             if not done:

@@ -27,7 +27,14 @@ from typing import Protocol
 
 from psycopg_pool import AsyncConnectionPool
 
-from orch8.store.claims import Owner, Refilled, StepDone, finish_and_claim, refused_steps
+from orch8.store.claims import (
+    Owner,
+    Refilled,
+    StepDone,
+    finish_and_claim,
+    refused_steps,
+    rolled_back,
+)
 
 log = logging.getLogger("orch8.engine.committer")
 
@@ -37,6 +44,9 @@ Entry = tuple[list[StepDone], "asyncio.Future[set[uuid.UUID]]"]
 # turns at the database: while one round's outcomes were written, the next round's (and,
 # with a backlog, its next claim) waited, and PostgreSQL sat idle on the other core.
 WRITERS = 2
+# Times a write that PostgreSQL rolled back whole (`claims.rolled_back`) is sent again at
+# once, before it fails like any other write.
+RESENDS = 3
 
 
 class Refill(Protocol):
@@ -159,9 +169,20 @@ class StepCommitter:
 
     async def _send(self, done: list[StepDone],
                     limit: int) -> tuple[set[uuid.UUID], Refilled | None]:
-        """The write: with `limit`, the claim of as many rides along."""
-        async with self._pool.connection() as conn:
-            if not limit:
-                return await refused_steps(conn, done), None
-            refilled = await finish_and_claim(conn, done, self._refill.owner, limit)
-            return refilled.refused, refilled
+        """The write: with `limit`, the claim of as many rides along. A write PostgreSQL
+        rolled back to break a deadlock applied nothing, so it goes again at once, claim
+        and all: neither its callers nor the worker's claim accounting hear of it."""
+        resends = 0
+        while True:
+            try:
+                async with self._pool.connection() as conn:
+                    if not limit:
+                        return await refused_steps(conn, done), None
+                    refilled = await finish_and_claim(conn, done, self._refill.owner, limit)
+                    return refilled.refused, refilled
+            except Exception as error:
+                if resends == RESENDS or not rolled_back(error):
+                    raise
+                resends += 1
+                log.warning("a write of %d step outcomes was rolled back (%s); sending it "
+                            "again", len(done), str(error).splitlines()[0])

@@ -428,6 +428,21 @@ async def finish_and_claim(conn: psycopg.AsyncConnection[Any], done: Sequence[St
     return Refilled(set(refused or ()), most_urgent_first(_claims_in(rows)), int(keyed))
 
 
+def rolled_back(error: BaseException) -> bool:
+    """Did PostgreSQL roll the statement back whole (SQLSTATE class 40: chosen as a
+    deadlock's victim, a serialization failure)? Then it applied nothing and claimed
+    nothing, and sending it again is safe. Any other failed write may have committed with
+    its reply lost.
+
+    The claim's candidate scan can take part in such a deadlock: a row its snapshot still
+    sees as scheduled but that another worker has claimed since is locked in its newest
+    version too (PostgreSQL follows the update chain, and waits there whatever SKIP
+    LOCKED says), while that worker's finish of the same row waits for this statement.
+    Seen with 4 to 8 processes sending `FINISH_AND_CLAIM` at once (`bench/own_sql.py`)."""
+    sqlstate = getattr(error, "sqlstate", None)
+    return isinstance(error, psycopg.Error) and bool(sqlstate) and sqlstate.startswith("40")
+
+
 # Whether an outcome written under this claim has already moved the instance past the step
 # (its write committed, but the reply was lost to a dropped connection).
 STEP_RECORDED = """
