@@ -12,7 +12,10 @@ indexes a migration dropped; the variants and batch settings alternate within ea
 (A B A B ...). `--raw` adds the minimal raw loop (`bench/raw.py`, 2 processes, the first
 batch size) to each run, and each configuration's rate as a ratio to the raw loop's in
 that run: with a long drain, the steady state that a 5,000-instance drain on a node
-just started only nears (the raw loop's CPU is not split).
+just started only nears (the raw loop's CPU is not split). `--own-sql` adds orch8's own
+statements sent by the same minimal loop (`bench/own_sql.py`, 2 processes, the first
+batch size) and PostgreSQL's CPU for them: what the schema and statements allow before
+any engine runs, so the gap between the raw loop and the node splits in two.
 Reads `/proc` through psutil, so PostgreSQL must run on this machine: the embedded
 server, or a local one in `DATABASE_URL` whose data directory is readable here. The
 last line is one JSON object.
@@ -29,7 +32,7 @@ import psutil
 import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench import engine, raw  # noqa: E402
+from bench import engine, own_sql, raw  # noqa: E402
 from bench.engine import NodeSettings  # noqa: E402
 from bench.runs import Figure, summarised  # noqa: E402
 from bench.server import DATA_DIR, Server  # noqa: E402
@@ -89,6 +92,20 @@ def raw_drain(dsn: str, batch: int, count: int) -> dict[str, float]:
     return {"per_s": figure.per_s}
 
 
+def own_sql_drain(dsn: str, server: psutil.Process, batch: int,
+                  count: int) -> dict[str, float]:
+    """orch8's statements alone: their rate and PostgreSQL's CPU per instance, read from
+    the backlog's release to the last finish (the loop's own processes are not split:
+    their start would weigh more than their work)."""
+    before: dict[str, float] = {}
+    figure = own_sql.drain(dsn, batch, 2, count, at_release=lambda: before.update(
+        cpu_seconds(server)))
+    after = cpu_seconds(server)
+    _check(figure, "the drain of orch8's statements alone")
+    return {"per_s": figure.per_s,
+            "postgres_us": (after["postgres"] - before["postgres"]) * 1e6 / count}
+
+
 def _check(figure: Figure, what: str) -> None:
     if not figure.complete:
         raise SystemExit(f"cpu_split: {what} did not complete ({figure.completed} done)")
@@ -98,7 +115,7 @@ def _record(found: dict[str, list[dict[str, float]]], run: int, label: str,
             figures: dict[str, float]) -> None:
     """Keep one run's figures under `label` and print them (a ratio to two decimals)."""
     found.setdefault(label, []).append(figures)
-    shown = ", ".join(f"{k} {v:,.2f}" if k == "vs_raw" else f"{k} {v:,.1f}"
+    shown = ", ".join(f"{k} {v:,.2f}" if k.startswith("vs_") else f"{k} {v:,.1f}"
                       for k, v in figures.items())
     print(f"run {run + 1}: {label}: {shown}", flush=True)
 
@@ -113,6 +130,8 @@ def main() -> None:
                         help="NAME=SQL run on the scratch database before its drain")
     parser.add_argument("--raw", action="store_true",
                         help="also the raw loop, and every rate as a ratio to its own")
+    parser.add_argument("--own-sql", action="store_true",
+                        help="also orch8's statements in the raw loop's shape (own_sql)")
     args = parser.parse_args()
     variants = {"as migrated": ""} | dict(v.split("=", 1) for v in args.variant)
     batches = [tuple(int(n) for n in text.split("/")) for text in args.batch]
@@ -121,12 +140,20 @@ def main() -> None:
     try:
         pid = postmaster(server.dsn)
         for run in range(args.runs):
-            raw_per_s = None
+            raw_per_s = own_per_s = None
             if args.raw:
                 with server.database(migrated=False) as dsn:
                     figures = raw_drain(dsn, batches[0][0], args.instances)
                 raw_per_s = figures["per_s"]
                 _record(found, run, f"raw loop, batch {batches[0][0]}, 2 processes", figures)
+            if args.own_sql:
+                with server.database() as dsn:
+                    figures = own_sql_drain(dsn, pid, batches[0][0], args.instances)
+                if raw_per_s:
+                    figures["vs_raw"] = figures["per_s"] / raw_per_s
+                own_per_s = figures["per_s"]
+                _record(found, run, f"orch8's statements alone, batch {batches[0][0]}, "
+                        "2 processes", figures)
             for batch, in_flight in batches:
                 for name, sql in variants.items():
                     with server.database() as dsn:
@@ -137,6 +164,8 @@ def main() -> None:
                             workers=2, batch_size=batch, max_in_flight=in_flight), args.instances)
                         if raw_per_s:
                             figures["vs_raw"] = figures["per_s"] / raw_per_s
+                        if own_per_s:
+                            figures["vs_own_sql"] = figures["per_s"] / own_per_s
                         _record(found, run, f"{name}, batch {batch}/{in_flight}", figures)
     finally:
         server.close()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 
 import psycopg
 
@@ -57,15 +58,18 @@ def loop(signals: Signals, slot: int, dsn: str, batch: int) -> None:
                 time.sleep(0.005)
 
 
-def drain(dsn: str, batch: int, processes: int, count: int, timeout_s: float = 300) -> Figure:
+def drain(dsn: str, batch: int, processes: int, count: int, timeout_s: float = 300,
+          at_release: Callable[[], object] | None = None) -> Figure:
     """`processes` loops on a fresh migrated database `dsn`; a backlog of one-step
     instances, inserted in one open transaction, is committed once they all poll, and
     timed from its commit to the last finish (counted through a shared counter, an O(1)
-    read)."""
+    read). `at_release` is called just before the commit (to read counters there)."""
     sequence = new_sequence(dsn)
     backlog = Backlog(dsn, sequence, count)
     with children(loop, processes, dsn, batch) as crew:
         crew.signals.go.set()
+        if at_release is not None:
+            at_release()
         released = backlog.release()
         complete = crew.wait_count(count, timeout_s)
     with psycopg.connect(dsn, autocommit=True) as conn:

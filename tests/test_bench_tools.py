@@ -48,12 +48,21 @@ def test_pool_check_runs_each_check(server_dsn: str) -> None:
         assert figures["wall_us"]["median"] > 0 and figures["cpu_us"]["median"] > 0, name
 
 
-def test_cpu_split_drains_beside_the_raw_loop_and_gives_the_ratio(server_dsn: str) -> None:
-    # The tool exits non-zero if either drain leaves an instance unfinished.
+def test_cpu_split_drains_beside_the_raw_loop_and_orch8s_statements_and_gives_ratios(
+        server_dsn: str) -> None:
+    # The tool exits non-zero if any drain leaves an instance unfinished.
     summary = run_tool(server_dsn, "bench/cpu_split.py", "--runs", "1", "--instances", "500",
-                       "--raw")
-    assert list(summary) == ["raw loop, batch 50, 2 processes", "as migrated, batch 50/100"]
+                       "--raw", "--own-sql")
+    alone = "orch8's statements alone, batch 50, 2 processes"
+    assert list(summary) == ["raw loop, batch 50, 2 processes", alone,
+                             "as migrated, batch 50/100"]
     node = summary["as migrated, batch 50/100"]
     raw = summary["raw loop, batch 50, 2 processes"]
+    statements = summary[alone]
     assert node["vs_raw"]["median"] == node["per_s"]["median"] / raw["per_s"]["median"]
+    assert statements["vs_raw"]["median"] == (statements["per_s"]["median"]
+                                              / raw["per_s"]["median"])
+    assert node["vs_own_sql"]["median"] == (node["per_s"]["median"]
+                                            / statements["per_s"]["median"])
     assert node["workers_us"]["median"] > 0 and node["postgres_us"]["median"] > 0
+    assert statements["postgres_us"]["median"] > 0
