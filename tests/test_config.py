@@ -12,7 +12,7 @@ from orch8.errors import ConfigError
 def test_defaults_match_the_documented_ones():
     settings = Settings.from_environ({})
     assert (settings.heartbeat_interval_s, settings.stale_threshold_s) == (10.0, 60.0)
-    assert (settings.batch_size, settings.tick_interval_ms) == (50, 100)
+    assert (settings.batch_size, settings.tick_interval_ms) == (100, 100)
     assert settings.database_url is None and settings.bind == "127.0.0.1:8080"
 
 
@@ -93,7 +93,7 @@ def test_redact_hides_dsn_passwords(text):
 
 def test_the_default_batch_follows_a_lower_max_in_flight():
     assert Settings.from_environ({"ORCH8_MAX_IN_FLIGHT": "1"}).batch_size == 1
-    assert Settings.from_environ({"ORCH8_MAX_IN_FLIGHT": "500"}).batch_size == 50
+    assert Settings.from_environ({"ORCH8_MAX_IN_FLIGHT": "500"}).batch_size == 100
     assert Settings.from_environ({}).with_overrides(max_in_flight=3).batch_size == 3
     with pytest.raises(ConfigError, match="ORCH8_BATCH_SIZE"):
         Settings.from_environ({"ORCH8_BATCH_SIZE": "50", "ORCH8_MAX_IN_FLIGHT": "1"})
