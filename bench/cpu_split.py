@@ -1,6 +1,6 @@
 """Where a drain's CPU goes: PostgreSQL, the workers and the supervisor, per instance.
 
-    python bench/cpu_split.py [--instances 30000] [--runs 3] [--batch 50/100 ...]
+    python bench/cpu_split.py [--instances 30000] [--runs 3] [--batch 100/100 ...]
                               [--variant NAME=SQL ...]
 
 Drains a backlog of one-step `noop` instances with a real `orch8-supervisor --workers 2`
@@ -36,6 +36,9 @@ from bench import engine, own_sql, raw  # noqa: E402
 from bench.engine import NodeSettings  # noqa: E402
 from bench.runs import Figure, summarised  # noqa: E402
 from bench.server import DATA_DIR, Server  # noqa: E402
+from orch8.config import Settings  # noqa: E402
+
+DEFAULTS = Settings()
 
 
 def postmaster(dsn: str) -> psutil.Process:
@@ -124,8 +127,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--instances", type=int, default=30_000)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--batch", nargs="+", default=["50/100"],
-                        help="batch size / max in flight, one or more")
+    parser.add_argument("--batch", nargs="+",
+                        default=[f"{DEFAULTS.batch_size}/{DEFAULTS.max_in_flight}"],
+                        help="batch size / max in flight, one or more (default: orch8's)")
     parser.add_argument("--variant", action="append", default=[],
                         help="NAME=SQL run on the scratch database before its drain")
     parser.add_argument("--raw", action="store_true",

@@ -53,11 +53,11 @@ def test_cpu_split_drains_beside_the_raw_loop_and_orch8s_statements_and_gives_ra
     # The tool exits non-zero if any drain leaves an instance unfinished.
     summary = run_tool(server_dsn, "bench/cpu_split.py", "--runs", "1", "--instances", "500",
                        "--raw", "--own-sql")
-    alone = "orch8's statements alone, batch 50, 2 processes"
-    assert list(summary) == ["raw loop, batch 50, 2 processes", alone,
-                             "as migrated, batch 50/100"]
-    node = summary["as migrated, batch 50/100"]
-    raw = summary["raw loop, batch 50, 2 processes"]
+    alone = "orch8's statements alone, batch 100, 2 processes"
+    assert list(summary) == ["raw loop, batch 100, 2 processes", alone,
+                             "as migrated, batch 100/100"]
+    node = summary["as migrated, batch 100/100"]
+    raw = summary["raw loop, batch 100, 2 processes"]
     statements = summary[alone]
     assert node["vs_raw"]["median"] == node["per_s"]["median"] / raw["per_s"]["median"]
     assert statements["vs_raw"]["median"] == (statements["per_s"]["median"]
