@@ -27,7 +27,7 @@ class Settings:
     # As many as a worker may hold: while a backlog lasts a worker holds one batch (the one
     # running, or the one being written and replaced by the same statement), so a claim
     # of the whole allowance holds no more than two of half of it did, in half the
-    # statements (drains 1.12-1.24 times as fast; README, Performance).
+    # statements (drains 1.15-1.24 times as fast; README, Performance).
     batch_size: int = 100
     tick_interval_ms: int = 100
     max_in_flight: int = 100
