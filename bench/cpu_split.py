@@ -38,8 +38,6 @@ from bench.runs import Figure, summarised  # noqa: E402
 from bench.server import DATA_DIR, Server  # noqa: E402
 from orch8.config import Settings  # noqa: E402
 
-DEFAULTS = Settings()
-
 
 def postmaster(dsn: str) -> psutil.Process:
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -128,7 +126,7 @@ def main() -> None:
     parser.add_argument("--instances", type=int, default=30_000)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--batch", nargs="+",
-                        default=[f"{DEFAULTS.batch_size}/{DEFAULTS.max_in_flight}"],
+                        default=[f"{Settings.batch_size}/{Settings.max_in_flight}"],
                         help="batch size / max in flight, one or more (default: orch8's)")
     parser.add_argument("--variant", action="append", default=[],
                         help="NAME=SQL run on the scratch database before its drain")

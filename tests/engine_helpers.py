@@ -23,6 +23,11 @@ SELECT count(*) FROM pg_stat_activity
 WHERE datname = current_database() AND query = 'LISTEN orch8_work'
 """
 
+# A claim statement (or a write that also claims: both read the node row FOR KEY SHARE)
+# waiting for a lock: the signal a lock-order test waits for before its next move.
+WAITING_CLAIM = ("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                 "AND query LIKE '%%FOR KEY SHARE%%'")
+
 
 def listening_workers(dsn: str) -> int:
     """How many workers are listening for NOTIFY on the test database now."""

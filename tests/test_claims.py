@@ -7,7 +7,7 @@ import uuid
 
 import psycopg
 import pytest
-from engine_helpers import finish_steps
+from engine_helpers import WAITING_CLAIM, finish_steps
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -231,9 +231,7 @@ def test_finish_and_claim_locks_the_node_row_before_the_rows_it_finishes(client,
             task = asyncio.create_task(finish_and_claim(
                 dsn, [one_step_done(c) for c in held], who, 3))
             # A real signal: the statement waits on a lock (the node row's).
-            while not probe.execute(
-                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                    "AND query LIKE '%%FOR KEY SHARE%%'").fetchone()[0]:
+            while not probe.execute(WAITING_CLAIM).fetchone()[0]:
                 assert not task.done()
                 await asyncio.sleep(0.01)
             # While it waits, it holds none of the rows it finishes: the registration's

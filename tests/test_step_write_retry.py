@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import psycopg
 import pytest
-from engine_helpers import finish_steps
+from engine_helpers import WAITING_CLAIM, finish_steps
 from psycopg_pool import AsyncConnectionPool
 
 from orch8 import Client, State
@@ -68,10 +68,6 @@ class _Refill:
         self.lost_writes += 1
 
 
-WAITING_WRITE = ("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                 "AND query LIKE '%%FOR KEY SHARE%%'")
-
-
 def test_a_write_rolled_back_to_break_a_deadlock_goes_again_claim_and_all(
         dsn: str, caplog: pytest.LogCaptureFixture) -> None:
     owner = Owner("node-d", uuid.uuid4(), 0)
@@ -100,7 +96,7 @@ def test_a_write_rolled_back_to_break_a_deadlock_goes_again_claim_and_all(
             await other.execute("SELECT 1 FROM instances WHERE id = %s FOR UPDATE", (held[0].id,))
             writing = asyncio.create_task(committer.finish_many(done))
             # A real signal: the write holds the node row (KEY SHARE) and waits for that row.
-            while not (await (await probe.execute(WAITING_WRITE)).fetchone())[0]:  # type: ignore[index]
+            while not (await (await probe.execute(WAITING_CLAIM)).fetchone())[0]:  # type: ignore[index]
                 assert not writing.done()
                 await asyncio.sleep(0.01)
             # Now the other waits for the write: PostgreSQL rolls the write back, which

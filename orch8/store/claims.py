@@ -439,8 +439,7 @@ def rolled_back(error: BaseException) -> bool:
     version too (PostgreSQL follows the update chain, and waits there whatever SKIP
     LOCKED says), while that worker's finish of the same row waits for this statement.
     Seen with 4 to 8 processes sending `FINISH_AND_CLAIM` at once (`bench/own_sql.py`)."""
-    sqlstate = getattr(error, "sqlstate", None)
-    return isinstance(error, psycopg.Error) and bool(sqlstate) and sqlstate.startswith("40")
+    return isinstance(error, psycopg.Error) and (error.sqlstate or "").startswith("40")
 
 
 # Whether an outcome written under this claim has already moved the instance past the step
