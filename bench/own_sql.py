@@ -1,14 +1,14 @@
 """orch8's own statements in the smallest loop: what the schema and the SQL cost by
 themselves, with no engine around them.
 
-Each process sends what a worker sends while a backlog lasts: a first claim
-(`claims.CLAIM_PLAIN`, the one a worker sends when no candidate has a concurrency key),
-then, batch after batch, one statement that records every instance's one step as done
-(output `{}`, fenced) and claims the next batch (`claims.FINISH_AND_CLAIM`), with plain
+Each process sends what a worker sends while a backlog of steps that return at once
+lasts: batch after batch, a held claim (`claims.LOCK_DUE`) and, in the same transaction,
+the write that completes every instance's one step with output `{}`
+(`claims.SETTLE_LOCKED`), pipelined as a worker sends them (two round trips), with plain
 psycopg (no pool, no asyncio, no handler, no supervisor). Between the raw loop and a real
 node it splits the gap in two: the raw loop / this loop is the price of orch8's schema and
 statements, this loop / the node the price of the engine (handlers, executor, asyncio,
-group commit, reports).
+reports).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from bench.engine import NOOP, Backlog, new_sequence
 from bench.runs import Figure
 from bench.workers import Signals, children
 from orch8.store import claims
-from orch8.store.claims import Owner, StepDone
+from orch8.store.claims import Owner, Settled, StepDone
 
 STEP = NOOP[0]["id"]
 
@@ -32,29 +32,31 @@ LAST_FINISHED = "SELECT max(finished_at) FROM instances WHERE sequence_name = %(
 
 
 def loop(signals: Signals, slot: int, dsn: str, batch: int) -> None:
-    """One process: claim; then finish the batch and claim the next at once, counting;
-    sleep 5 ms when nothing is there; send a statement PostgreSQL rolled back again. Its
-    node id has no `cluster_nodes` row, which the claim does not check (a worker run
-    alone)."""
-    params = claims.claim_params(Owner(f"own-sql-{slot}", uuid.uuid4(), slot), batch)
-    claim = claims.bounded(claims.CLAIM_PLAIN, batch)
-    finish_and_claim = claims.bounded(claims.FINISH_AND_CLAIM, batch)
+    """One process: lock a batch, complete it in the same transaction, count; sleep 5 ms
+    when nothing is there; a transaction PostgreSQL rolled back goes again. Its node id
+    has no `cluster_nodes` row, which the claim does not check (a worker run alone)."""
+    owner = Owner(f"own-sql-{slot}", uuid.uuid4(), slot)
+    params = claims.claim_params(owner, batch)
+    lock = claims.bounded(claims.LOCK_DUE, batch)
     with psycopg.connect(dsn, autocommit=True) as conn:
         signals.await_go()
-        done: list[StepDone] = []
         while not signals.stop.is_set():
             try:
-                rows = (conn.execute(finish_and_claim, params | claims.finish_params(done))
-                        if done else conn.execute(claim, params)).fetchall()
+                with conn.pipeline(), conn.transaction():
+                    rows = conn.execute(lock, params).fetchall()
+                    settled = [Settled(row[0], row[1], 1, True) for row in rows]
+                    outputs = [StepDone(row[0], row[1], STEP, 1, "{}", 1, True)
+                               for row in rows]
+                    if settled:
+                        conn.execute(claims.SETTLE_LOCKED,
+                                     claims.settle_params(owner, settled, outputs))
             except psycopg.Error as error:
                 if not claims.rolled_back(error):
                     raise
                 continue  # rolled back whole (a deadlock's victim): again, as a worker does
-            if done:
-                signals.count(len(done))
-            done = [StepDone(row[0], row[1], STEP, 1, "{}", 1, True)
-                    for row in rows if row[0] is not None]
-            if not done:
+            if settled:
+                signals.count(len(settled))
+            else:
                 time.sleep(0.005)
 
 

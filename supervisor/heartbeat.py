@@ -130,8 +130,8 @@ class Heartbeat:
             owner.on_drain_requested()
         sweep = await nodes.sweep_stale(self._settings.stale_threshold_s).run_async(conn)
         if sweep.dead or sweep.released:
-            log.warning("declared dead: %s; released %d claims",
-                        ", ".join(sweep.dead) or "(no node)", sweep.released)
+            log.warning("declared dead: %s; released %d claims; ended %d worker sessions",
+                        ", ".join(sweep.dead) or "(no node)", sweep.released, sweep.ended)
         await nodes.forget_dead(KEEP_DEAD_S).run_async(conn)
 
     async def _recover(self, conn: psycopg.AsyncConnection[Any]) -> bool:

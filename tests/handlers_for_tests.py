@@ -68,6 +68,13 @@ def poison(ctx: StepContext, params: dict[str, Any]) -> dict[str, Any]:
     os._exit(1)
 
 
+@handler("poison_at_once")
+async def poison_at_once(ctx: StepContext, params: dict[str, Any]) -> dict[str, Any]:
+    """`poison` in a coroutine that never suspends: it ends its process while its step
+    runs inside a held claim (its row still scheduled, and locked)."""
+    return poison(ctx, params)
+
+
 @handler("ticker")
 def ticker(ctx: StepContext, params: dict[str, Any]) -> dict[str, Any]:
     """A plain handler that runs `params.ms` milliseconds (`params.ms_on[node]` on that

@@ -343,12 +343,15 @@ def test_a_claim_whose_reply_was_lost_is_given_back_and_run(dsn, client):
 
 
 BATCHES = dataclasses.replace(FAST, batch_size=20, max_in_flight=40)
+SUSPENDS = {"handler": "sleep", "params": {"ms": 1}}
 
 
 def test_with_a_backlog_a_worker_claims_its_next_batches_with_its_writes(dsn, client):
     import psycopg
 
-    client.create_sequence("backlog", [{"id": "a", "handler": "noop"}])
+    # A step that suspends, so that its batch goes on under a claim and its outcomes
+    # reach the committer (steps that return at once finish inside their held claim).
+    client.create_sequence("backlog", [SUSPENDS | {"id": "a"}])
     created = [c.id for c in client.start_many([{"sequence": "backlog"}] * 400)]
     [worker] = run_workers_until(dsn, finished(client, *created), settings=BATCHES)
     with psycopg.connect(dsn) as conn:
@@ -360,16 +363,19 @@ def test_with_a_backlog_a_worker_claims_its_next_batches_with_its_writes(dsn, cl
     assert outputs == 400
     counts = worker.stats.counts
     assert counts["claimed"] == 400 and counts["fenced_rejected"] == 0
-    # Most batches came with the write that recorded the one before: the first two
-    # batches (the worker's 40 slots) and the tail cannot.
-    assert counts["claimed_with_finish"] >= 400 - 3 * BATCHES.batch_size, counts
+    # Most instances came with a write that recorded others. Not all: a suspended step
+    # is written when it returns, and a write that frees less than half a batch of slots
+    # claims nothing (the claim loop takes those slots).
+    assert counts["claimed_with_finish"] > 400 // 2, counts
 
 
-def test_a_backlog_survives_the_database_dropping_connections_mid_write(dsn, client):
+# Steps that return at once run in held claims (a drop ends the transaction: nothing of
+# it was written); steps that suspend go on under claims and their writes claim too.
+@pytest.mark.parametrize("step", [{"handler": "noop"}, SUSPENDS], ids=["held", "claimed"])
+def test_a_backlog_survives_the_database_dropping_connections_mid_write(dsn, client, step):
     import psycopg
 
-    client.create_sequence("dropped", [{"id": "a", "handler": "noop"},
-                                       {"id": "b", "handler": "noop"}])
+    client.create_sequence("dropped", [step | {"id": "a"}, step | {"id": "b"}])
     created = [c.id for c in client.start_many([{"sequence": "dropped"}] * 600)]
     client.close()
     drops: list[int] = []
@@ -395,4 +401,5 @@ def test_a_backlog_survives_the_database_dropping_connections_mid_write(dsn, cli
                                "GROUP BY 1 ORDER BY 1").fetchall()
     assert states == [("completed", 600)]
     assert outputs == [("a", 600), ("b", 600)]
-    assert worker.stats.counts["claimed_with_finish"] > 0
+    if step is SUSPENDS:
+        assert worker.stats.counts["claimed_with_finish"] > 0

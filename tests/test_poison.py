@@ -39,20 +39,21 @@ def cluster(dsn: str, tmp_path: Path) -> Iterator[Cluster]:
         nodes.close()
 
 
-def start_workload(dsn: str, ledger: Path, mode: str) -> tuple[uuid.UUID, list[uuid.UUID]]:
+def start_workload(dsn: str, ledger: Path, mode: str,
+                   poison: str = "poison") -> tuple[uuid.UUID, list[uuid.UUID]]:
     """200 plain instances, the poison, 200 more: (poison id, the others' ids)."""
     with Client(dsn) as client:
         client.create_sequence("plain", [{"id": "only", "handler": "noop"}])
         client.create_sequence("p", [{
-            "id": "boom", "handler": "poison",
+            "id": "boom", "handler": poison,
             "params": {"ledger": str(ledger), "mode": mode},
             "retry": {"max_attempts": MAX_ATTEMPTS, "initial_backoff_ms": 100}}])
         before = client.start_many([{"sequence": "plain", "input": {"n": n}}
                                     for n in range(200)])
-        poison = client.start("p")
+        created = client.start("p")
         after = client.start_many([{"sequence": "plain", "input": {"n": n}}
                                    for n in range(200, 400)])
-    return poison.id, [c.id for c in before + after]
+    return created.id, [c.id for c in before + after]
 
 
 def instance(dsn: str, instance_id: uuid.UUID) -> dict[str, Any]:
@@ -129,3 +130,27 @@ def test_poison_costs_two_nodes_max_attempts_deaths_in_total(cluster: Cluster, d
     deaths = sum(metric(node, "orch8_worker_deaths_total") for node in nodes)
     assert deaths == MAX_ATTEMPTS
     assert sum(metric(node, "orch8_instances_failed_total") for node in nodes) == 1
+
+
+@pytest.mark.parametrize("mode", ["exit", "sigkill"])
+def test_a_poison_that_kills_its_process_inside_a_held_claim_is_charged(
+        cluster: Cluster, dsn: str, tmp_path: Path, mode: str) -> None:
+    # A coroutine that never suspends runs its first attempt inside a held claim, with its
+    # row still scheduled: the row is free the moment the process dies, so another worker
+    # may run that first attempt again before the supervisor charges it. Every later
+    # attempt runs under a claim, and runs once.
+    ledger = tmp_path / "ledger.jsonl"
+    node = cluster.start("node-a", **ONE_AT_A_TIME)
+    poison, others = start_workload(dsn, ledger, mode, poison="poison_at_once")
+    wait_until(lambda: instance(dsn, poison)["state"] == "failed", 120,
+               "the poison instance to reach the dead letter")
+    wait_until(lambda: states(dsn, others)["completed"] == len(others), 120,
+               "every other instance to complete")
+    attempts = Counter(entry["attempt"] for entry in ledger_entries(ledger))
+    assert set(attempts) == set(range(1, MAX_ATTEMPTS + 1)), attempts
+    assert 1 <= attempts[1] <= 2, "run again at most by the node's other worker"
+    assert all(attempts[n] == 1 for n in range(2, MAX_ATTEMPTS + 1)), attempts
+    assert instance(dsn, poison) == {"state": "failed", "attempt": MAX_ATTEMPTS,
+                                     "last_error": ERRORS[mode]}
+    wait_until(lambda: metric(node, "orch8_worker_deaths_total") == attempts.total(), 60,
+               "every death to be counted")

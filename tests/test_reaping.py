@@ -118,3 +118,22 @@ def test_a_step_the_instance_moved_past_is_not_charged(conn: psycopg.Connection,
     assert (settled.retried, settled.failed, settled.released) == (0, 0, 1)
     assert (row(conn, instance_id)["state"], row(conn, instance_id)["attempt"]) == (
         "scheduled", 0)
+
+
+def test_a_step_run_in_a_held_claim_is_charged(conn: psycopg.Connection, client: Any,
+                                               dsn: str) -> None:
+    # A held claim leaves the row scheduled while its step runs (claims.LOCK_DUE): when
+    # the process dies there, the row is as it was locked, at the step and attempt run.
+    interrupted = client.start("retried").id
+    moved_on = client.start("retried").id  # its attempt 1 already charged: not again
+    conn.execute("UPDATE instances SET attempt = 1 WHERE id = %s", (moved_on,))
+    epoch = row(conn, interrupted)["claim_epoch"]
+    dead = DeadWorker(1, 4242, INCARNATION, "killed by SIGKILL",
+                      (RunningStep(interrupted, "a", 1), RunningStep(moved_on, "a", 1)))
+    settled = settle(dsn, dead)
+    assert (settled.retried, settled.failed, settled.released) == (1, 0, 0)
+    charged = row(conn, interrupted)
+    assert (charged["state"], charged["attempt"], charged["last_error"]) == (
+        "scheduled", 1, "worker killed by SIGKILL while running step a")
+    assert charged["claim_epoch"] == epoch + 1 and charged["wait"] > timedelta(0)
+    assert (row(conn, moved_on)["attempt"], row(conn, moved_on)["last_error"]) == (1, None)

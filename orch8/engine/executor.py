@@ -10,13 +10,16 @@ one by one.
 
 Handlers run outside any transaction. Each outcome is written under the claim's epoch;
 a write that does not apply means the claim was lost, and the run stops there quietly.
+The one exception is the held claim (`run_locked`): a first attempt at a step that
+returns at once runs while its row is locked, and its outcome is written in the same
+transaction, so such an instance is written once, never `running`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -33,7 +36,7 @@ from orch8.handlers.context import StepContext
 from orch8.handlers.registry import Registry
 from orch8.model import Step
 from orch8.store import claims, rate_limits
-from orch8.store.claims import Claimed, StepDone
+from orch8.store.claims import Claimed, Owner, Settled, StepDone
 from orch8.store.sequences import Sequence, get_sequence
 
 log = logging.getLogger("orch8.engine.executor")
@@ -43,7 +46,7 @@ WRITE_RETRY_S = (0.1, 0.5, 1.0, 2.0, 5.0)
 
 
 @dataclass(slots=True)
-class _Run:
+class Run:
     """Where one claimed instance is: its next step, and what earlier steps returned."""
 
     claimed: Claimed
@@ -53,6 +56,8 @@ class _Run:
     attempt: int
     delay_done: bool
     ran_a_step: bool = False
+    # A held run's call already under way (or its failure) for `_run_alone` to take over.
+    pending: Awaitable[Outcome] | None = None
 
     @property
     def finished(self) -> bool:
@@ -75,6 +80,20 @@ class _Run:
     def advance(self, output: dict[str, Any] | None) -> None:
         self.outputs[self.step.id] = output
         self.index, self.attempt, self.delay_done, self.ran_a_step = self.index + 1, 0, False, True
+
+
+@dataclass(frozen=True)
+class Held:
+    """What a held claim did: the unkeyed instances it locked and ran, how many keyed
+    ones it left for the keyed claim, and those of its instances that go on (claimed)."""
+
+    locked: list[Claimed]
+    keyed: int
+    going_on: list[Run]
+
+
+async def _ready(outcome: Outcome) -> Outcome:
+    return outcome
 
 
 class Executor:
@@ -108,9 +127,19 @@ class Executor:
         `left(n)` is told each time n of them have (completed, failed, waiting, released
         or lost); a cancel stops them all where they are, for the caller to release.
         """
-        alone: list[asyncio.Task[None]] = []
+        await self._run(await self._prepare(batch), left)
+
+    async def _run(self, runs: list[Run], left: Callable[[int], None]) -> None:
+        """Rounds for the runs, each call already under way going on alone."""
+        alone, in_rounds = [], []
+        for run in runs:
+            if run.pending is None:
+                in_rounds.append(run)
+            else:
+                pending, run.pending = run.pending, None
+                alone.append(asyncio.create_task(self._run_alone(run, pending, left)))
+        runs = in_rounds
         try:
-            runs = await self._prepare(batch)
             while runs:
                 runs = await self._round(runs, alone, left)
             if alone:
@@ -121,23 +150,90 @@ class Executor:
             if alone:
                 await asyncio.gather(*alone, return_exceptions=True)
 
-    async def _prepare(self, batch: list[Claimed]) -> list[_Run]:
+    async def run_locked(self, conn: psycopg.AsyncConnection[Any], owner: Owner,
+                         limit: int) -> Held:
+        """The held claim (`claims.LOCK_DUE`): lock up to `limit` due instances, run each
+        one's steps here for as long as they return at once, and write where each got to,
+        all in one transaction on `conn`. The instances that must wait come back claimed,
+        for `resume`; if the transaction fails, none of them was claimed."""
+        going_on: list[Run] = []
+        try:
+            async with conn.pipeline(), conn.transaction():
+                locked, keyed = await claims.lock_due(conn, owner, limit)
+                if locked:
+                    runs = await self._prepare(locked)
+                    settled, outputs, going_on = self._run_held(runs)
+                    await claims.settle_locked(conn, owner, settled, outputs)
+        except BaseException:
+            for run in going_on:
+                if isinstance(run.pending, Coroutine):
+                    run.pending.close()  # its handler stops where it suspended
+            raise
+        for run in going_on:
+            run.claimed = run.claimed._replace(epoch=run.claimed.epoch + 1)
+        completed = len(locked) - len(going_on)
+        self._stats.add("completed", completed)
+        return Held(locked, keyed, going_on)
+
+    def _run_held(self, runs: list[Run]
+                  ) -> tuple[list[Settled], list[StepDone], list[Run]]:
+        """Run the current step of each locked instance that can run here at once; return
+        where each stopped, the outputs to record, and the runs that go on under a claim.
+
+        One step each, and a first attempt only: a handler that kills its process here
+        leaves its row as it was locked, at that step and attempt, so that the supervisor
+        charges that step's attempt (`claims.LOCK_HELD`), and the next attempt runs under
+        a claim. (The row is free the moment the process dies, so another worker may run
+        that first attempt again before the charge lands: at least once, as always.)
+        """
+        settled: list[Settled] = []
+        outputs: list[StepDone] = []
+        going_on: list[Run] = []
+        for run in runs:
+            if run.finished:
+                settled.append(Settled(run.claimed.id, run.claimed.epoch, run.index, True))
+                continue
+            step = run.step
+            handler = self._registry.get(step.handler)
+            outcome: Outcome | Awaitable[Outcome] | None = None
+            if not (run.attempt or (step.delay_ms and not run.delay_done)
+                    or self._limited(step) or (handler is not None and not handler.is_async)):
+                outcome = self._caller.call_now(handler, step, run.context())
+            if isinstance(outcome, Outcome) and outcome.error is None:
+                outputs.append(run.done(outcome))
+                run.advance(outcome.output)
+            elif isinstance(outcome, Outcome):
+                run.pending = _ready(outcome)  # its failure is written under the claim
+            else:
+                run.pending = outcome  # it waits: the rest of its call goes on claimed
+            settled.append(Settled(run.claimed.id, run.claimed.epoch, run.index,
+                                   run.finished))
+            if not run.finished:
+                going_on.append(run)
+        return settled, outputs, going_on
+
+    async def resume(self, runs: list[Run], left: Callable[[int], None]) -> None:
+        """Run what a held claim claimed from where each stopped, as `run_batch` runs a
+        claimed batch."""
+        await self._run(runs, left)
+
+    async def _prepare(self, batch: list[Claimed]) -> list[Run]:
         resumed = [claimed.id for claimed in batch if claimed.step_index > 0]
         outputs = await self._with_connection(claims.load_outputs, resumed) if resumed else {}
         # One look-up per definition the batch uses (almost always one), not per instance.
         wanted = {(claimed.sequence_name, claimed.sequence_version) for claimed in batch}
         sequences = {key: await self._sequence(*key) for key in wanted}
-        return [_Run(claimed, sequences[claimed.sequence_name, claimed.sequence_version],
+        return [Run(claimed, sequences[claimed.sequence_name, claimed.sequence_version],
                      outputs.get(claimed.id, {}), claimed.step_index, claimed.attempt,
                      claimed.delay_done)
                 for claimed in batch]
 
-    async def _round(self, runs: list[_Run], alone: list[asyncio.Task[None]],
-                     left: Callable[[int], None]) -> list[_Run]:
+    async def _round(self, runs: list[Run], alone: list[asyncio.Task[None]],
+                     left: Callable[[int], None]) -> list[Run]:
         """Start every run's current step; record what came straight back; return the
         runs that go on to another round."""
         waiting, releasing, starting = self._sort(runs)
-        returned: list[tuple[_Run, Outcome]] = []
+        returned: list[tuple[Run, Outcome]] = []
         handed_off = 0
         for run in starting:
             step = run.step
@@ -160,7 +256,7 @@ class Executor:
         left(len(runs) - len(going_on) - handed_off)
         return going_on
 
-    def _sort(self, runs: list[_Run]) -> tuple[list[_Run], list[_Run], list[_Run]]:
+    def _sort(self, runs: list[Run]) -> tuple[list[Run], list[Run], list[Run]]:
         """Split runs into those that wait out a delay, those a drain gives back after the
         step they ran, and those whose step starts now."""
         draining = self._is_draining()
@@ -176,7 +272,7 @@ class Executor:
                 starting.append(run)
         return waiting, releasing, starting
 
-    async def _record(self, returned: list[tuple[_Run, Outcome]]) -> list[_Run]:
+    async def _record(self, returned: list[tuple[Run, Outcome]]) -> list[Run]:
         """Write the round's outcomes: its successes in one fenced statement, failures one
         by one. Return the runs that have steps left."""
         succeeded = []
@@ -201,7 +297,7 @@ class Executor:
         self._stats.add("completed", completed)
         return going_on
 
-    async def _run_alone(self, run: _Run, pending: Awaitable[Outcome] | None,
+    async def _run_alone(self, run: Run, pending: Awaitable[Outcome] | None,
                          left: Callable[[int], None]) -> None:
         """Go on with one instance by itself, from `pending` (a call already started) or
         from its current step, until it leaves this worker's hands."""
@@ -294,12 +390,12 @@ class Executor:
             refused = refused - await self._recorded([d for d in done if d.id in refused])
         return refused
 
-    def _lost(self, run: _Run, step: Step) -> None:
+    def _lost(self, run: Run, step: Step) -> None:
         # Counted by the committer, which sees even a cancelled caller's refused outcome.
         log.warning("instance %s: claim lost before step %s was recorded; dropped",
                     run.claimed.id, step.id)
 
-    async def _release(self, runs: list[_Run]) -> None:
+    async def _release(self, runs: list[Run]) -> None:
         """Give back instances a drain stopped between steps (fenced, one statement)."""
         released = await self._with_connection(
             claims.release_unstarted, [run.claimed for run in runs])

@@ -1,11 +1,16 @@
 """The claim loop of one worker process.
 
 Every `tick_interval_ms`, or at once when a NOTIFY says work arrived or a slot frees up
-while a backlog exists, it claims up to `min(batch_size, free slots)` due instances and
-runs them as one batch, in one task (see `executor`). Polling is the source of truth;
-NOTIFY only shortens the wait. While a backlog lasts (the last claim was full), the write
-that records a round's outcomes also claims the next batch, as many as that round frees
-(`reserve`, `claimed`): one statement per batch instead of two.
+while a backlog exists, it takes up to `min(batch_size, free slots)` due instances in a
+held claim (`Executor.run_locked`): their rows locked in one transaction, each one's
+current step run at once where it can be, its outcome written before the commit. What
+must wait (a coroutine that suspended, a plain function, a delay, a rate limit, a
+failure, a later step) comes out of that transaction claimed, and runs on as one batch,
+in one task. Keyed candidates are claimed after it, into their keys' slots. Polling is
+the source of truth; NOTIFY only shortens the wait. While a backlog lasts (the last
+claim was full), the write that records a round's outcomes also claims the next batch,
+as many as that round frees (`reserve`, `claimed`): one statement per batch instead of
+two.
 
 Stopping: `stop` set -> stop claiming; in-flight instances finish the step they are in and
 release the rest of their run; after `drain_timeout_s` (or at once after `hurry()`), what
@@ -22,21 +27,22 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
+from typing import Any
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from orch8.config import Settings
 from orch8.engine.committer import StepCommitter
-from orch8.engine.executor import Executor
+from orch8.engine.executor import Executor, Run
 from orch8.engine.limits import LimitWatch
 from orch8.engine.stats import WorkerStats
 from orch8.events import wait_any
 from orch8.handlers.registry import Registry, default_registry
-from orch8.store import claims
+from orch8.store import claims, nodes
 from orch8.store.claims import Claimed, Owner, Refilled, StepDone
 from orch8.store.concurrency import SlotBackstop
 
@@ -103,7 +109,9 @@ class Worker:
     async def run(self, stop: asyncio.Event) -> None:
         """Claim and execute until `stop` is set, then stop gracefully."""
         pool = AsyncConnectionPool(
-            self._dsn, min_size=2, max_size=8, kwargs={"autocommit": True}, open=False,
+            self._dsn, min_size=2, max_size=8, open=False,
+            kwargs={"autocommit": True,
+                    "application_name": nodes.worker_session(self.owner.incarnation)},
             name=f"orch8-worker-{self.owner.slot}",
         )
         await pool.open(wait=True, timeout=30)
@@ -151,15 +159,20 @@ class Worker:
         self._reserved += limit
         try:
             async with pool.connection() as conn:
-                claimed = await claims.claim(conn, self.owner, limit)
+                held = await executor.run_locked(conn, self.owner, limit)
+                self._count_claimed(held.locked)
+                self._start_held(held.going_on, executor)
+                claimed = (await claims.claim_keyed(conn, self.owner,
+                                                    limit - len(held.going_on))
+                           if held.keyed else [])
         except (psycopg.OperationalError, OSError):
             self._claim_unsure = True
             raise
         finally:
             self._reserved -= limit
-        self._last_claim_full = len(claimed) == limit
+        self._last_claim_full = len(held.locked) + held.keyed == limit
         self._start(claimed, executor)
-        return len(claimed)
+        return len(held.locked) + len(claimed)
 
     def reserve(self, finishing: Sequence[StepDone]) -> int:
         """How many to claim with the write that records `finishing` (see the committer):
@@ -195,15 +208,28 @@ class Worker:
 
     def _start(self, claimed: list[Claimed], executor: Executor) -> None:
         """Count a claim and run what it took as one batch."""
+        self._count_claimed(claimed)
+        if claimed:
+            self._run(claimed, lambda left: executor.run_batch(claimed, left))
+
+    def _start_held(self, going_on: list[Run], executor: Executor) -> None:
+        """Run what a held claim claimed (counted with the held claim)."""
+        if going_on:
+            self._run([run.claimed for run in going_on],
+                      lambda left: executor.resume(going_on, left))
+
+    def _count_claimed(self, claimed: list[Claimed]) -> None:
         self.stats.add("claimed", len(claimed))
-        if not claimed:
-            return
         observe = self.stats.claim_lateness_seconds.observe
         for instance in claimed:
             observe(max(0.0, instance.lateness_s))
+
+    def _run(self, claimed: list[Claimed],
+             run: Callable[[Callable[[int], None]], Coroutine[Any, Any, None]]) -> None:
+        """Run claimed instances in one task, as one batch in this worker's hands."""
         batch = _Batch(claimed, len(claimed))
         self._in_flight += len(claimed)
-        task = asyncio.create_task(executor.run_batch(claimed, batch.left_callback(self._left)),
+        task = asyncio.create_task(run(batch.left_callback(self._left)),
                                    name=f"batch-{claimed[0].id}")
         self._running[task] = batch
         task.add_done_callback(self._on_done)

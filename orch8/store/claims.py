@@ -89,11 +89,9 @@ claimer AS MATERIALIZED (
     SELECT 1 FROM claimer WHERE incarnation <> %(incarnation)s OR state = 'dead'
 )"""
 #
-# The candidate selection, shared by both claim statements: the one place that says
-# which due instances a claim may take, and in what order.
-CANDIDATES = """
-    SELECT id, concurrency_key AS key, coalesce(max_concurrency, 1) AS cap, priority,
-        next_fire_at
+# The due rows, shared by every claim statement: the one place that says which due
+# instances a claim may take, and in what order.
+DUE = """
     FROM instances
     WHERE state = 'scheduled' AND NOT waiting_for_slot AND next_fire_at <= now()
       AND NOT EXISTS (SELECT 1 FROM replaced)
@@ -103,6 +101,9 @@ CANDIDATES = """
     -- SKIP LOCKED: never wait on a row another worker is claiming; take the next one.
     FOR UPDATE SKIP LOCKED
 """
+CANDIDATES = f"""
+    SELECT id, concurrency_key AS key, coalesce(max_concurrency, 1) AS cap, priority,
+        next_fire_at {DUE}"""
 #
 # The candidates again, under a literal bound (`{bound}`, see `bounded`): the statements
 # read them through this. The exact limit is a parameter, so that one prepared statement
@@ -219,7 +220,7 @@ async def claim(conn: psycopg.AsyncConnection[Any], owner: Owner, limit: int) ->
     """
     claimed, keyed = await _claim_plain(conn, owner, limit)
     if keyed:
-        claimed += await _claim_keyed(conn, owner, limit - len(claimed))
+        claimed += await claim_keyed(conn, owner, limit - len(claimed))
     return most_urgent_first(claimed)
 
 
@@ -238,9 +239,10 @@ async def _claim_plain(
     return _claims_in(rows), keyed
 
 
-async def _claim_keyed(
+async def claim_keyed(
     conn: psycopg.AsyncConnection[Any], owner: Owner, limit: int
 ) -> list[Claimed]:
+    """Claim due instances, keyed ones seated or parked (`CLAIM`), in a few rounds."""
     claimed: list[Claimed] = []
     for _ in range(CLAIM_ROUNDS):
         taken, parked = await _claim_round(conn, owner, limit - len(claimed))
@@ -428,6 +430,103 @@ async def finish_and_claim(conn: psycopg.AsyncConnection[Any], done: Sequence[St
     return Refilled(set(refused or ()), most_urgent_first(_claims_in(rows)), int(keyed))
 
 
+# The held claim: while a worker runs a batch whose steps return at once (most do: `noop`,
+# a handler that only computes), the batch needs no `running` state at all. The worker
+# locks its due rows in a transaction (LOCK_DUE), runs their steps in memory, and in the
+# same transaction writes each one's outcome (SETTLE_LOCKED): completed, with its
+# outputs, or claimed at the step where it stopped to wait (a coroutine that suspended, a
+# plain function for a thread, a delay, a rate limit, a failure), to go on under that
+# claim like any other. An instance is then written once instead of twice (a claim and a
+# finish), with one index entry fewer (the running index), which is most of what the
+# database spends on a one-step instance.
+#
+# The row lock is the claim while it lasts: no other claim takes a locked row (SKIP
+# LOCKED), and every other writer waits for this transaction. If the worker dies, its
+# transaction ends with its connection and nothing of it was written; a stale-node sweep
+# ends the sessions of a node it declares dead (orch8.store.nodes), and a dead worker's
+# interrupted step is charged an attempt whether it was claimed or held (LOCK_HELD).
+# Keyed candidates are locked too, and counted, for `claim_keyed` after the commit.
+LOCK_DUE = f"""
+WITH {CLAIMER_REPLACED}
+SELECT * FROM (
+    SELECT id, claim_epoch AS epoch, sequence_name, sequence_version, input, step_index,
+        attempt, delay_done, priority,
+        extract(epoch FROM now() - next_fire_at)::float8 AS lateness_s,
+        concurrency_key IS NOT NULL AS keyed {DUE}
+) due LIMIT {{bound}}
+"""
+
+
+async def lock_due(conn: psycopg.AsyncConnection[Any], owner: Owner,
+                   limit: int) -> tuple[list[Claimed], int]:
+    """Lock up to `limit` due instances in the caller's transaction, in claim order;
+    return the unkeyed ones and how many keyed ones were among them."""
+    cursor = await conn.execute(bounded(LOCK_DUE, limit), claim_params(owner, limit))
+    rows = await cursor.fetchall()
+    locked = [_claimed(row) for row in rows if not row[-1]]
+    return locked, len(rows) - len(locked)
+
+
+class Settled(NamedTuple):
+    """Where a locked instance's held run left it: at `next_index`, completed if `last`."""
+
+    id: uuid.UUID
+    epoch: int
+    next_index: int
+    last: bool
+
+
+# The held run's outcome, in the locking transaction. The epoch rises as at any claim,
+# so a write made under an earlier claim can never land after this one. The fence (epoch,
+# still scheduled) cannot refuse a row this transaction holds locked; were it ever to,
+# that row would get no outputs, and the writes of its run that goes on would be refused
+# by their own fence, as for any lost claim.
+SETTLE_LOCKED = """
+WITH settled AS (
+    SELECT * FROM jsonb_to_recordset(%(settled)s::jsonb) AS s(
+        id uuid, epoch bigint, next_index int, last bool)
+), written AS (
+    SELECT * FROM jsonb_to_recordset(%(outputs)s::jsonb) AS o(
+        id uuid, step_id text, attempt int, output jsonb)
+), settling AS (
+    UPDATE instances i
+    SET state = CASE WHEN s.last THEN 'completed' ELSE 'running' END,
+        step_index = s.next_index,
+        attempt = CASE WHEN s.next_index = i.step_index THEN i.attempt ELSE 0 END,
+        delay_done = s.next_index = i.step_index AND i.delay_done,
+        finished_at = CASE WHEN s.last THEN statement_timestamp() END,
+        claimed_by = %(node_id)s, claim_incarnation = %(incarnation)s,
+        claimed_slot = %(slot)s, claimed_at = now(), claim_epoch = i.claim_epoch + 1,
+        updated_at = statement_timestamp()
+    FROM settled s
+    WHERE i.id = ANY (ARRAY(SELECT id FROM settled)) AND i.id = s.id
+      AND i.claim_epoch = s.epoch AND (i.state = 'scheduled') IS TRUE
+    RETURNING i.id
+)
+INSERT INTO step_outputs (instance_id, step_id, output, attempt)
+SELECT o.id, o.step_id, o.output, o.attempt FROM written o
+WHERE o.id IN (SELECT id FROM settling)
+ON CONFLICT (instance_id, step_id) DO UPDATE
+    SET output = excluded.output, attempt = excluded.attempt, created_at = now()
+"""
+
+
+async def settle_locked(conn: psycopg.AsyncConnection[Any], owner: Owner,
+                        settled: Sequence[Settled], outputs: Sequence[StepDone]) -> None:
+    """Send the write of what the held run of locked instances came to (`LOCK_DUE`). In
+    pipeline mode it goes with the COMMIT, one round trip for both: nothing is read back,
+    as rows this transaction holds locked cannot change under it."""
+    await conn.execute(SETTLE_LOCKED, settle_params(owner, settled, outputs))
+
+
+def settle_params(owner: Owner, settled: Sequence[Settled],
+                  outputs: Sequence[StepDone]) -> dict[str, Any]:
+    """`SETTLE_LOCKED`'s parameters: the instances and the outputs as JSON documents."""
+    return claim_params(owner, len(settled)) | {
+        "settled": orjson.dumps([s._asdict() for s in settled]).decode(),
+        "outputs": finish_params(outputs)["batch"]}
+
+
 def rolled_back(error: BaseException) -> bool:
     """Did PostgreSQL roll the statement back whole (SQLSTATE class 40: chosen as a
     deadlock's victim, a serialization failure)? Then it applied nothing and claimed
@@ -595,11 +694,15 @@ class HeldStep:
 # The rows still held by one worker slot's claims among `ids`, locked until the caller's
 # transaction ends, so that the charge and the release after it see them as they are now
 # (a concurrent sweep of the same rows waits for us, or we for it, and re-checks).
+# Scheduled rows too: a step the worker ran in a held claim (`LOCK_DUE`) left its row
+# scheduled when the process died; the caller charges only a row still at the step and
+# attempt the process was running.
 LOCK_HELD = """
 SELECT id, claim_epoch AS epoch, sequence_name, sequence_version, step_index, attempt
 FROM instances
-WHERE id = ANY(%(ids)s::uuid[]) AND state = 'running'
-  AND claim_incarnation = %(incarnation)s AND claimed_slot = %(slot)s
+WHERE id = ANY(%(ids)s::uuid[])
+  AND (state = 'running' AND claim_incarnation = %(incarnation)s
+       AND claimed_slot = %(slot)s OR state = 'scheduled')
 FOR UPDATE
 """
 
@@ -625,7 +728,8 @@ class Charge:
 
 
 # A step whose handler was running when its worker process died counts as an attempt.
-# Fenced like every write after a claim (epoch and state), and the epoch rises as in any
+# Fenced like every write after a claim (epoch and state: running, or scheduled for a
+# held claim's step, see `LOCK_HELD`), and the epoch rises as in any
 # release, so a write the dead process had in flight can never land.
 CHARGE = """
 UPDATE instances i
@@ -637,7 +741,7 @@ SET attempt = i.attempt + 1, last_error = c.error, claim_epoch = i.claim_epoch +
     finished_at = CASE WHEN c.backoff_ms IS NULL THEN now() END
 FROM unnest(%(ids)s::uuid[], %(epochs)s::bigint[], %(errors)s::text[],
             %(backoff_ms)s::int[]) AS c(id, epoch, error, backoff_ms)
-WHERE i.id = c.id AND i.claim_epoch = c.epoch AND i.state = 'running'
+WHERE i.id = c.id AND i.claim_epoch = c.epoch AND i.state IN ('running', 'scheduled')
 RETURNING i.id, i.state
 """
 

@@ -181,6 +181,8 @@ class Sweep:
 
     dead: tuple[str, ...]
     released: int
+    # Database sessions of the dead nodes' workers that the sweep ended.
+    ended: int = 0
 
 
 # One statement: mark stale nodes dead and release their claims, so a claim is never
@@ -208,18 +210,33 @@ WITH stale AS (
            OR NOT EXISTS (SELECT 1 FROM cluster_nodes n
                           WHERE n.incarnation = i.claim_incarnation AND n.state <> 'dead'))
     RETURNING i.id
+), ended AS (
+    -- A dead node's worker sessions that hold a transaction open end too: a frozen
+    -- worker's held claim (orch8.store.claims.LOCK_DUE) keeps its rows locked until its
+    -- transaction ends. Its other sessions stay, so that a late write from it is refused
+    -- by the fence like any other. Only sessions of our own role, which a role may end.
+    SELECT pg_terminate_backend(a.pid) FROM pg_stat_activity a
+    WHERE a.application_name IN (SELECT 'orch8 worker ' || incarnation FROM stale)
+      AND a.state LIKE 'idle in transaction%%' AND a.usename = current_user
 )
 SELECT (SELECT coalesce(array_agg(id ORDER BY id), '{}') FROM stale) AS dead,
        (SELECT count(*) FROM released) AS released,
+       (SELECT count(*) FROM ended) AS ended,
        pg_notify('orch8_work', '')
 """
+
+
+def worker_session(incarnation: uuid.UUID) -> str:
+    """The application name of a worker's database sessions, by which a sweep that
+    declares its node dead ends them (`SWEEP_STALE`)."""
+    return f"orch8 worker {incarnation}"
 
 
 def sweep_stale(threshold_s: float) -> Query[Sweep]:
     """Declare nodes silent for `threshold_s` dead and give their claims back."""
 
     def read(rows: list[Row]) -> Sweep:
-        return Sweep(tuple(rows[0]["dead"]), int(rows[0]["released"]))
+        return Sweep(tuple(rows[0]["dead"]), int(rows[0]["released"]), int(rows[0]["ended"]))
 
     return Query(SWEEP_STALE, {"threshold_s": threshold_s}, read)
 

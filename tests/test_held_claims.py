@@ -1,0 +1,194 @@
+"""The held claim: a step that returns at once runs while its row is locked, and its
+outcome is written in the locking transaction; whatever must wait goes on under a claim.
+
+Real workers against the real server. A trigger records every state change of every
+instance, so the tests read from the database which path each instance took.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import Counter
+from typing import Any
+
+import psycopg
+import pytest
+
+from orch8 import Client, HandlerError, StepContext, handler
+from orch8.store import nodes
+from tests.engine_helpers import run_workers_until
+
+TRANSITIONS = """
+CREATE TABLE test_transitions (
+    instance_id uuid NOT NULL,
+    from_state  text NOT NULL,
+    to_state    text NOT NULL,
+    at          timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+CREATE FUNCTION test_record_transition() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO test_transitions (instance_id, from_state, to_state)
+    VALUES (NEW.id, OLD.state, NEW.state);
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER test_transitions AFTER UPDATE OF state ON instances
+    FOR EACH ROW WHEN (OLD.state IS DISTINCT FROM NEW.state)
+    EXECUTE FUNCTION test_record_transition();
+"""
+
+RUNS: Counter[str] = Counter()  # executions of `held_counted`, by instance id
+
+
+@handler("held_raises_at_once")
+async def raises_at_once(ctx: StepContext, params: dict[str, Any]) -> dict[str, Any]:
+    raise HandlerError("refused at once", retryable=False)
+
+
+@handler("held_counted")
+async def counted(ctx: StepContext, params: dict[str, Any]) -> dict[str, Any]:
+    """Count this execution; the first one also ends every worker session (an outage that
+    strikes between a held claim's handler and its commit)."""
+    RUNS[str(ctx.instance_id)] += 1
+    if sum(RUNS.values()) == 1:
+        with psycopg.connect(params["dsn"], autocommit=True) as conn:
+            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                         "WHERE application_name LIKE 'orch8 worker %'")
+    return {"runs": RUNS[str(ctx.instance_id)]}
+
+
+@pytest.fixture
+def client(dsn: str) -> Any:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(TRANSITIONS)
+    with Client(dsn) as client:
+        yield client
+
+
+def paths(dsn: str) -> dict[uuid.UUID, list[tuple[str, str]]]:
+    """Each instance's state changes, in order."""
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute("SELECT instance_id, from_state, to_state FROM test_transitions "
+                            "ORDER BY at").fetchall()
+    found: dict[uuid.UUID, list[tuple[str, str]]] = {}
+    for instance_id, before, after in rows:
+        found.setdefault(instance_id, []).append((before, after))
+    return found
+
+
+def finished(client: Client, ids: list[uuid.UUID]) -> Any:
+    return lambda: all(client.get(i).state in ("completed", "failed") for i in ids)
+
+
+def test_a_step_that_returns_at_once_is_recorded_inside_its_claim(dsn: str, client: Client
+                                                                   ) -> None:
+    client.create_sequence("one", [{"id": "a", "handler": "noop", "params": {"x": 1}}])
+    ids = [c.id for c in client.start_many([{"sequence": "one"}] * 50)]
+    [worker] = run_workers_until(dsn, finished(client, ids))
+    # Never `running`: one write took each from scheduled to completed, epoch and all.
+    assert paths(dsn) == {i: [("scheduled", "completed")] for i in ids}
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute("SELECT claim_epoch, claimed_by, finished_at >= claimed_at, "
+                            "count(o.*) FROM instances i JOIN step_outputs o "
+                            "ON o.instance_id = i.id GROUP BY 1, 2, 3").fetchall()
+    assert rows == [(1, "test-node", True, 50)]
+    assert all(client.get(i).outputs == {"a": {"x": 1}} for i in ids)
+    counts = worker.stats.counts
+    assert (counts["claimed"], counts["completed"]) == (50, 50)
+    assert counts["claimed_with_finish"] == 0 and worker.in_flight == 0
+
+
+def test_what_must_wait_goes_on_under_a_claim(dsn: str, client: Client) -> None:
+    client.create_sequence("two", [{"id": "a", "handler": "noop"},
+                                   {"id": "b", "handler": "noop"}])
+    client.create_sequence("suspends", [{"id": "a", "handler": "sleep", "params": {"ms": 20}}])
+    client.create_sequence("plain", [{"id": "a", "handler": "fail",
+                                      "params": {"message": "plain"}}])
+    client.create_sequence("raises", [{"id": "a", "handler": "held_raises_at_once"}])
+    client.create_sequence("delayed", [{"id": "a", "handler": "noop", "delay_ms": 10}])
+    two, suspends, plain, raises, delayed = (
+        client.start(name).id for name in ("two", "suspends", "plain", "raises", "delayed"))
+    run_workers_until(dsn, finished(client, [two, suspends, plain, raises, delayed]))
+
+    found = paths(dsn)
+    claimed = [("scheduled", "running")]
+    # The first step ran held; the second under the claim the held write made.
+    assert found[two] == claimed + [("running", "completed")]
+    assert client.get(two).outputs == {"a": {}, "b": {}}
+    # A coroutine that suspended went on under a claim, from where it was.
+    assert found[suspends] == claimed + [("running", "completed")]
+    assert client.get(suspends).outputs == {"a": {"slept_ms": 20}}
+    # A plain function never runs held (it runs in a thread), nor does a delay.
+    assert found[plain] == claimed + [("running", "failed")]
+    assert found[delayed] == claimed + [("running", "scheduled"), ("scheduled", "completed")]
+    # A failure that came back at once is written under a claim, as an attempt.
+    assert found[raises] == claimed + [("running", "failed")]
+    failed = client.get(raises)
+    assert (failed.attempt, failed.last_error) == (1, "refused at once")
+
+
+def test_a_retry_runs_under_a_claim(dsn: str, client: Client) -> None:
+    client.create_sequence("one", [{"id": "a", "handler": "noop",
+                                    "retry": {"max_attempts": 3}}])
+    retried = client.start("one").id
+    with psycopg.connect(dsn) as conn:
+        conn.execute("UPDATE instances SET attempt = 1 WHERE id = %s", (retried,))
+    run_workers_until(dsn, finished(client, [retried]))
+    # Only a first attempt runs held: a handler that killed its process there is charged
+    # before its next attempt, which then runs claimed.
+    assert paths(dsn)[retried] == [("scheduled", "running"), ("running", "completed")]
+
+
+def test_keyed_instances_are_left_to_the_keyed_claim(dsn: str, client: Client) -> None:
+    client.create_sequence("one", [{"id": "a", "handler": "noop"}])
+    keyed = [client.start("one", concurrency_key="k", max_concurrency=1).id
+             for _ in range(3)]
+    plain = [client.start("one").id for _ in range(3)]
+    run_workers_until(dsn, finished(client, keyed + plain))
+    found = paths(dsn)
+    assert all(found[i] == [("scheduled", "completed")] for i in plain)
+    # Seated into the key's slot one at a time (parked meanwhile, never in a held claim).
+    for instance_id in keyed:
+        assert found[instance_id][-2:] == [("scheduled", "running"), ("running", "completed")]
+
+
+def test_a_held_claim_that_does_not_commit_recorded_nothing(dsn: str, client: Client) -> None:
+    client.create_sequence("counted", [{"id": "a", "handler": "held_counted",
+                                        "params": {"dsn": dsn}}])
+    RUNS.clear()
+    instance_id = client.start("counted").id
+    run_workers_until(dsn, finished(client, [instance_id]))
+    # The first run's session ended before its commit: nothing of it was written, and
+    # the instance was run again, at least once, and recorded once.
+    assert RUNS[str(instance_id)] == 2
+    assert paths(dsn)[instance_id] == [("scheduled", "completed")]
+    done = client.get(instance_id)
+    assert done.outputs == {"a": {"runs": 2}} and done.attempt == 0
+
+
+def test_the_sweep_ends_a_dead_nodes_worker_sessions(dsn: str, client: Client) -> None:
+    client.create_sequence("one", [{"id": "a", "handler": "noop"}])
+    instance_id = client.start("one").id
+    frozen = uuid.uuid4()
+
+    async def register() -> None:
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            await nodes.register(conn, "frozen", frozen, "host", 1, 2, 60, lambda h: False)
+
+    asyncio.run(register())
+    # A frozen worker, in the middle of a held claim: its row stays locked.
+    holder = psycopg.connect(dsn, application_name=nodes.worker_session(frozen))
+    holder.execute("SELECT id FROM instances WHERE id = %s FOR UPDATE", (instance_id,))
+    skip_locked = "SELECT id FROM instances FOR UPDATE SKIP LOCKED"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert conn.execute(skip_locked).fetchall() == []
+        assert nodes.sweep_stale(60).run(conn).ended == 0  # not stale yet: left alone
+        conn.execute("UPDATE cluster_nodes SET last_heartbeat = now() - interval '2 minutes'")
+        sweep = nodes.sweep_stale(60).run(conn)
+        assert (sweep.dead, sweep.ended) == (("frozen",), 1)
+        with conn.transaction():
+            assert conn.execute(skip_locked).fetchall() == [(instance_id,)]
+    with pytest.raises(psycopg.OperationalError):
+        holder.execute("SELECT 1")
+    holder.close()
