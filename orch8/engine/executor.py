@@ -162,8 +162,8 @@ class Executor:
                 locked, keyed = await claims.lock_due(conn, owner, limit)
                 if locked:
                     runs = await self._prepare(locked)
-                    settled, outputs, going_on = self._run_held(runs)
-                    await claims.settle_locked(conn, owner, settled, outputs)
+                    settled, going_on = self._run_held(runs)
+                    await claims.settle_locked(conn, owner, settled)
         except BaseException:
             for run in going_on:
                 if isinstance(run.pending, Coroutine):
@@ -175,10 +175,10 @@ class Executor:
         self._stats.add("completed", completed)
         return Held(locked, keyed, going_on)
 
-    def _run_held(self, runs: list[Run]
-                  ) -> tuple[list[Settled], list[StepDone], list[Run]]:
+    def _run_held(self, runs: list[Run]) -> tuple[list[Settled], list[Run]]:
         """Run the current step of each locked instance that can run here at once; return
-        where each stopped, the outputs to record, and the runs that go on under a claim.
+        where each stopped (with the output of the step it ran), and the runs that go on
+        under a claim.
 
         One step each, and a first attempt only: a handler that kills its process here
         leaves its row as it was locked, at that step and attempt, so that the supervisor
@@ -187,11 +187,11 @@ class Executor:
         that first attempt again before the charge lands: at least once, as always.)
         """
         settled: list[Settled] = []
-        outputs: list[StepDone] = []
         going_on: list[Run] = []
         for run in runs:
+            claimed = run.claimed
             if run.finished:
-                settled.append(Settled(run.claimed.id, run.claimed.epoch, run.index, True))
+                settled.append(Settled(claimed.id, claimed.epoch, run.index, True))
                 continue
             step = run.step
             handler = self._registry.get(step.handler)
@@ -200,17 +200,18 @@ class Executor:
                     or self._limited(step) or (handler is not None and not handler.is_async)):
                 outcome = self._caller.call_now(handler, step, run.context())
             if isinstance(outcome, Outcome) and outcome.error is None:
-                outputs.append(run.done(outcome))
+                attempt = run.attempt + 1
                 run.advance(outcome.output)
-            elif isinstance(outcome, Outcome):
-                run.pending = _ready(outcome)  # its failure is written under the claim
+                settled.append(Settled(claimed.id, claimed.epoch, run.index, run.finished,
+                                       step.id, attempt, outcome.output_json or "{}"))
+                if run.finished:
+                    continue
             else:
-                run.pending = outcome  # it waits: the rest of its call goes on claimed
-            settled.append(Settled(run.claimed.id, run.claimed.epoch, run.index,
-                                   run.finished))
-            if not run.finished:
-                going_on.append(run)
-        return settled, outputs, going_on
+                # It waits, or it failed (written under the claim, as an attempt).
+                run.pending = _ready(outcome) if isinstance(outcome, Outcome) else outcome
+                settled.append(Settled(claimed.id, claimed.epoch, run.index, False))
+            going_on.append(run)
+        return settled, going_on
 
     async def resume(self, runs: list[Run], left: Callable[[int], None]) -> None:
         """Run what a held claim claimed from where each stopped, as `run_batch` runs a

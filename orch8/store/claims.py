@@ -468,26 +468,29 @@ async def lock_due(conn: psycopg.AsyncConnection[Any], owner: Owner,
 
 
 class Settled(NamedTuple):
-    """Where a locked instance's held run left it: at `next_index`, completed if `last`."""
+    """Where a locked instance's held run left it: at `next_index`, completed if `last`;
+    with the output of the step it ran there, if it ran one."""
 
     id: uuid.UUID
     epoch: int
     next_index: int
     last: bool
+    step_id: str | None = None
+    attempt: int = 0
+    output_json: str | None = None
 
 
-# The held run's outcome, in the locking transaction. The epoch rises as at any claim,
-# so a write made under an earlier claim can never land after this one. The fence (epoch,
-# still scheduled) cannot refuse a row this transaction holds locked; were it ever to,
-# that row would get no outputs, and the writes of its run that goes on would be refused
-# by their own fence, as for any lost claim.
+# The held run's outcome, in the locking transaction, as one JSON document (one object
+# per instance, its output inside). The epoch rises as at any claim, so a write made
+# under an earlier claim can never land after this one. The fence (epoch, still
+# scheduled) cannot refuse a row this transaction holds locked; were it ever to, that row
+# would get no output, and the writes of its run that goes on would be refused by their
+# own fence, as for any lost claim.
 SETTLE_LOCKED = """
 WITH settled AS (
     SELECT * FROM jsonb_to_recordset(%(settled)s::jsonb) AS s(
-        id uuid, epoch bigint, next_index int, last bool)
-), written AS (
-    SELECT * FROM jsonb_to_recordset(%(outputs)s::jsonb) AS o(
-        id uuid, step_id text, attempt int, output jsonb)
+        id uuid, epoch bigint, next_index int, last bool, step_id text, attempt int,
+        output jsonb)
 ), settling AS (
     UPDATE instances i
     SET state = CASE WHEN s.last THEN 'completed' ELSE 'running' END,
@@ -504,27 +507,29 @@ WITH settled AS (
     RETURNING i.id
 )
 INSERT INTO step_outputs (instance_id, step_id, output, attempt)
-SELECT o.id, o.step_id, o.output, o.attempt FROM written o
-WHERE o.id IN (SELECT id FROM settling)
+SELECT s.id, s.step_id, s.output, s.attempt FROM settled s
+WHERE s.step_id IS NOT NULL AND s.id IN (SELECT id FROM settling)
 ON CONFLICT (instance_id, step_id) DO UPDATE
     SET output = excluded.output, attempt = excluded.attempt, created_at = now()
 """
 
 
 async def settle_locked(conn: psycopg.AsyncConnection[Any], owner: Owner,
-                        settled: Sequence[Settled], outputs: Sequence[StepDone]) -> None:
+                        settled: Sequence[Settled]) -> None:
     """Send the write of what the held run of locked instances came to (`LOCK_DUE`). In
     pipeline mode it goes with the COMMIT, one round trip for both: nothing is read back,
     as rows this transaction holds locked cannot change under it."""
-    await conn.execute(SETTLE_LOCKED, settle_params(owner, settled, outputs))
+    await conn.execute(SETTLE_LOCKED, settle_params(owner, settled))
 
 
-def settle_params(owner: Owner, settled: Sequence[Settled],
-                  outputs: Sequence[StepDone]) -> dict[str, Any]:
-    """`SETTLE_LOCKED`'s parameters: the instances and the outputs as JSON documents."""
-    return claim_params(owner, len(settled)) | {
-        "settled": orjson.dumps([s._asdict() for s in settled]).decode(),
-        "outputs": finish_params(outputs)["batch"]}
+def settle_params(owner: Owner, settled: Sequence[Settled]) -> dict[str, Any]:
+    """`SETTLE_LOCKED`'s parameters, the instances as one JSON document."""
+    return claim_params(owner, len(settled)) | {"settled": orjson.dumps([
+        {"id": s.id, "epoch": s.epoch, "next_index": s.next_index, "last": s.last,
+         "step_id": s.step_id, "attempt": s.attempt,
+         "output": None if s.output_json is None else orjson.Fragment(s.output_json)}
+        for s in settled
+    ]).decode()}
 
 
 def rolled_back(error: BaseException) -> bool:
