@@ -23,7 +23,7 @@ from bench.engine import NOOP, Backlog, new_sequence
 from bench.runs import Figure
 from bench.workers import Signals, children
 from orch8.store import claims
-from orch8.store.claims import Owner, Settled
+from orch8.store.claims import Owner, Settled, StepDone
 
 STEP = NOOP[0]["id"]
 
@@ -44,9 +44,12 @@ def loop(signals: Signals, slot: int, dsn: str, batch: int) -> None:
             try:
                 with conn.pipeline(), conn.transaction():
                     rows = conn.execute(lock, params).fetchall()
-                    settled = [Settled(row[0], row[1], 1, True, STEP, 1, "{}") for row in rows]
+                    settled = [Settled(row[0], row[1], 1, True) for row in rows]
+                    outputs = [StepDone(row[0], row[1], STEP, 1, "{}", 1, True)
+                               for row in rows]
                     if settled:
-                        conn.execute(claims.SETTLE_LOCKED, claims.settle_params(owner, settled))
+                        conn.execute(claims.SETTLE_LOCKED,
+                                     claims.settle_params(owner, settled, outputs))
             except psycopg.Error as error:
                 if not claims.rolled_back(error):
                     raise

@@ -23,6 +23,7 @@ from typing import Protocol
 import psycopg
 
 from orch8.engine.backoff import backoff_ms
+from orch8.model import Step
 from orch8.store.claims import Charge, HeldStep, charge, lock_held, release_owner
 from orch8.store.sequences import Sequence, get_sequence
 from supervisor.child import BOOT_FAILED_EXIT
@@ -143,18 +144,36 @@ def _charges(conn: psycopg.Connection, dead: DeadWorker, held: list[HeldStep],
         key = (row.sequence_name, row.sequence_version)
         if key not in definitions:
             definitions[key] = get_sequence(*key).run(conn)
-        steps = definitions[key].steps
-        if row.step_index >= len(steps):
+        step = _interrupted_step(definitions[key].steps, row, interrupted)
+        if step is None:
             continue
-        step = steps[row.step_index]
         attempt = row.attempt + 1
-        # Only the execution the row is still at: not an older one whose thread outlived
-        # its timed-out step, nor a step the instance has already moved past.
-        if not any(s.instance_id == row.id and s.step_id == step.id and s.attempt == attempt
-                   for s in interrupted):
-            continue
         error = f"worker {dead.cause} while running step {step.id}"
         retry = attempt < step.retry.max_attempts
         charges.append(Charge(row.id, row.epoch, error,
                               backoff_ms(step.retry, attempt) if retry else None))
     return charges
+
+
+def _interrupted_step(steps: tuple[Step, ...], row: HeldStep,
+                      interrupted: list[RunningStep]) -> Step | None:
+    """The step of `row` whose execution ended with the process, if it is still where
+    that execution left it; its retry policy decides the charge.
+
+    Only the execution the row is still at: not an older one whose thread outlived its
+    timed-out step, nor a step the instance has already moved past. A held claim runs an
+    instance's steps one after another before anything of them is written (first
+    attempts only, `orch8.engine.executor`), so a row still scheduled at a first attempt
+    may have died at a later step: the charge lands on the row (its next attempt runs
+    claimed, step by step) under the policy of the step that was running.
+    """
+    if row.step_index >= len(steps):
+        return None
+    ran = {(s.step_id, s.attempt) for s in interrupted if s.instance_id == row.id}
+    current = steps[row.step_index]
+    if (current.id, row.attempt + 1) in ran:
+        return current
+    if row.state == "scheduled" and row.attempt == 0:
+        return next((step for step in steps[row.step_index + 1:] if (step.id, 1) in ran),
+                    None)
+    return None

@@ -102,20 +102,28 @@ def test_a_step_that_returns_at_once_is_recorded_inside_its_claim(dsn: str, clie
 def test_what_must_wait_goes_on_under_a_claim(dsn: str, client: Client) -> None:
     client.create_sequence("two", [{"id": "a", "handler": "noop"},
                                    {"id": "b", "handler": "noop"}])
+    client.create_sequence("then_waits", [{"id": "a", "handler": "noop"},
+                                          {"id": "b", "handler": "sleep", "params": {"ms": 20}},
+                                          {"id": "c", "handler": "noop"}])
     client.create_sequence("suspends", [{"id": "a", "handler": "sleep", "params": {"ms": 20}}])
     client.create_sequence("plain", [{"id": "a", "handler": "fail",
                                       "params": {"message": "plain"}}])
     client.create_sequence("raises", [{"id": "a", "handler": "held_raises_at_once"}])
     client.create_sequence("delayed", [{"id": "a", "handler": "noop", "delay_ms": 10}])
-    two, suspends, plain, raises, delayed = (
-        client.start(name).id for name in ("two", "suspends", "plain", "raises", "delayed"))
-    run_workers_until(dsn, finished(client, [two, suspends, plain, raises, delayed]))
+    two, then_waits, suspends, plain, raises, delayed = (
+        client.start(name).id
+        for name in ("two", "then_waits", "suspends", "plain", "raises", "delayed"))
+    run_workers_until(dsn, finished(client, [two, then_waits, suspends, plain, raises,
+                                             delayed]))
 
     found = paths(dsn)
     claimed = [("scheduled", "running")]
-    # The first step ran held; the second under the claim the held write made.
-    assert found[two] == claimed + [("running", "completed")]
+    # Steps that return at once run one after another in the held claim.
+    assert found[two] == [("scheduled", "completed")]
     assert client.get(two).outputs == {"a": {}, "b": {}}
+    # Claimed where a step suspended, its first step's output written with the claim.
+    assert found[then_waits] == claimed + [("running", "completed")]
+    assert client.get(then_waits).outputs == {"a": {}, "b": {"slept_ms": 20}, "c": {}}
     # A coroutine that suspended went on under a claim, from where it was.
     assert found[suspends] == claimed + [("running", "completed")]
     assert client.get(suspends).outputs == {"a": {"slept_ms": 20}}

@@ -137,3 +137,33 @@ def test_a_step_run_in_a_held_claim_is_charged(conn: psycopg.Connection, client:
         "scheduled", 1, "worker killed by SIGKILL while running step a")
     assert charged["claim_epoch"] == epoch + 1 and charged["wait"] > timedelta(0)
     assert (row(conn, moved_on)["attempt"], row(conn, moved_on)["last_error"]) == (1, None)
+
+
+def test_a_later_step_run_in_a_held_claim_is_charged_under_its_own_policy(
+        conn: psycopg.Connection, client: Any, dsn: str) -> None:
+    # A held claim ran step a, then died in step b: nothing of it was written, so the row
+    # is still scheduled at step a, attempt 0. The charge lands on the row (its next run
+    # is claimed, step by step), with step b's name and retry policy.
+    client.create_sequence("chain", [{"id": "a", "handler": "noop"},
+                                     {"id": "b", "handler": "noop",
+                                      "retry": {"max_attempts": 2}}])
+    retried, untouched = client.start("chain").id, client.start("chain").id
+    conn.execute("UPDATE instances SET attempt = 1 WHERE id = %s", (untouched,))
+    dead = DeadWorker(1, 4242, INCARNATION, "killed by SIGKILL", (
+        RunningStep(retried, "b", 1),
+        RunningStep(untouched, "b", 1),  # its row is at a retry: not from a held claim
+    ))
+    settled = settle(dsn, dead)
+    assert (settled.retried, settled.failed, settled.released) == (1, 0, 0)
+    charged = row(conn, retried)
+    assert (charged["state"], charged["attempt"], charged["last_error"]) == (
+        "scheduled", 1, "worker killed by SIGKILL while running step b")
+    assert row(conn, untouched)["last_error"] is None
+    # One step of its own policy (max_attempts 1): the dead letter at once.
+    client.create_sequence("chain_strict", [{"id": "a", "handler": "noop",
+                                             "retry": {"max_attempts": 3}},
+                                            {"id": "b", "handler": "noop"}])
+    strict = client.start("chain_strict").id
+    dead = DeadWorker(1, 4243, INCARNATION, "killed by SIGKILL", (RunningStep(strict, "b", 1),))
+    assert settle(dsn, dead).failed == 1
+    assert row(conn, strict)["last_error"] == "worker killed by SIGKILL while running step b"

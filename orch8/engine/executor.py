@@ -162,8 +162,8 @@ class Executor:
                 locked, keyed = await claims.lock_due(conn, owner, limit)
                 if locked:
                     runs = await self._prepare(locked)
-                    settled, going_on = self._run_held(runs)
-                    await claims.settle_locked(conn, owner, settled)
+                    settled, outputs, going_on = self._run_held(runs)
+                    await claims.settle_locked(conn, owner, settled, outputs)
         except BaseException:
             for run in going_on:
                 if isinstance(run.pending, Coroutine):
@@ -175,43 +175,44 @@ class Executor:
         self._stats.add("completed", completed)
         return Held(locked, keyed, going_on)
 
-    def _run_held(self, runs: list[Run]) -> tuple[list[Settled], list[Run]]:
-        """Run the current step of each locked instance that can run here at once; return
-        where each stopped (with the output of the step it ran), and the runs that go on
-        under a claim.
+    def _run_held(self, runs: list[Run]
+                  ) -> tuple[list[Settled], list[StepDone], list[Run]]:
+        """Run locked instances' steps while each returns at once; return where each
+        stopped, the outputs to record, and the runs that go on under a claim.
 
-        One step each, and a first attempt only: a handler that kills its process here
-        leaves its row as it was locked, at that step and attempt, so that the supervisor
-        charges that step's attempt (`claims.LOCK_HELD`), and the next attempt runs under
-        a claim. (The row is free the moment the process dies, so another worker may run
-        that first attempt again before the charge lands: at least once, as always.)
+        A first attempt only: a handler that kills its process here leaves its row as it
+        was locked, so the supervisor charges that row an attempt (`claims.LOCK_HELD`),
+        and the next attempt runs under a claim. (The row is free the moment the process
+        dies, so another worker may run those steps once more before the charge lands:
+        at least once, as always.)
         """
         settled: list[Settled] = []
+        outputs: list[StepDone] = []
         going_on: list[Run] = []
-        for run in runs:
-            claimed = run.claimed
-            if run.finished:
-                settled.append(Settled(claimed.id, claimed.epoch, run.index, True))
-                continue
-            step = run.step
-            handler = self._registry.get(step.handler)
-            outcome: Outcome | Awaitable[Outcome] | None = None
-            if not (run.attempt or (step.delay_ms and not run.delay_done)
-                    or self._limited(step) or (handler is not None and not handler.is_async)):
-                outcome = self._caller.call_now(handler, step, run.context())
-            if isinstance(outcome, Outcome) and outcome.error is None:
-                attempt = run.attempt + 1
-                run.advance(outcome.output)
-                settled.append(Settled(claimed.id, claimed.epoch, run.index, run.finished,
-                                       step.id, attempt, outcome.output_json or "{}"))
+        while runs:
+            next_round = []
+            for run in runs:
                 if run.finished:
+                    settled.append(Settled(run.claimed.id, run.claimed.epoch, run.index, True))
                     continue
-            else:
+                step = run.step
+                handler = self._registry.get(step.handler)
+                outcome: Outcome | Awaitable[Outcome] | None = None
+                if not (run.attempt or (step.delay_ms and not run.delay_done)
+                        or self._limited(step)
+                        or (handler is not None and not handler.is_async)):
+                    outcome = self._caller.call_now(handler, step, run.context())
+                if isinstance(outcome, Outcome) and outcome.error is None:
+                    outputs.append(run.done(outcome))
+                    run.advance(outcome.output)
+                    next_round.append(run)
+                    continue
                 # It waits, or it failed (written under the claim, as an attempt).
                 run.pending = _ready(outcome) if isinstance(outcome, Outcome) else outcome
-                settled.append(Settled(claimed.id, claimed.epoch, run.index, False))
-            going_on.append(run)
-        return settled, going_on
+                settled.append(Settled(run.claimed.id, run.claimed.epoch, run.index, False))
+                going_on.append(run)
+            runs = next_round
+        return settled, outputs, going_on
 
     async def resume(self, runs: list[Run], left: Callable[[int], None]) -> None:
         """Run what a held claim claimed from where each stopped, as `run_batch` runs a

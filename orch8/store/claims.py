@@ -468,29 +468,24 @@ async def lock_due(conn: psycopg.AsyncConnection[Any], owner: Owner,
 
 
 class Settled(NamedTuple):
-    """Where a locked instance's held run left it: at `next_index`, completed if `last`;
-    with the output of the step it ran there, if it ran one."""
+    """Where a locked instance's held run left it: at `next_index`, completed if `last`."""
 
     id: uuid.UUID
     epoch: int
     next_index: int
     last: bool
-    step_id: str | None = None
-    attempt: int = 0
-    output_json: str | None = None
 
 
-# The held run's outcome, in the locking transaction, as one JSON document (one object
-# per instance, its output inside). The epoch rises as at any claim, so a write made
-# under an earlier claim can never land after this one. The fence (epoch, still
-# scheduled) cannot refuse a row this transaction holds locked; were it ever to, that row
-# would get no output, and the writes of its run that goes on would be refused by their
-# own fence, as for any lost claim.
+# The held run's outcome, in the locking transaction: where each instance got to, and the
+# outputs of the steps it ran. The epoch rises as at any claim, so a write made under an
+# earlier claim can never land after this one. The fence (epoch, still scheduled) cannot
+# refuse a row this transaction holds locked; were it ever to, that row would get no
+# outputs, and the writes of its run that goes on would be refused by their own fence, as
+# for any lost claim.
 SETTLE_LOCKED = """
 WITH settled AS (
     SELECT * FROM jsonb_to_recordset(%(settled)s::jsonb) AS s(
-        id uuid, epoch bigint, next_index int, last bool, step_id text, attempt int,
-        output jsonb)
+        id uuid, epoch bigint, next_index int, last bool)
 ), settling AS (
     UPDATE instances i
     SET state = CASE WHEN s.last THEN 'completed' ELSE 'running' END,
@@ -507,29 +502,30 @@ WITH settled AS (
     RETURNING i.id
 )
 INSERT INTO step_outputs (instance_id, step_id, output, attempt)
-SELECT s.id, s.step_id, s.output, s.attempt FROM settled s
-WHERE s.step_id IS NOT NULL AND s.id IN (SELECT id FROM settling)
+SELECT o.id, o.step_id, o.output, o.attempt
+FROM jsonb_to_recordset(%(outputs)s::jsonb) AS o(
+    id uuid, step_id text, attempt int, output jsonb)
+WHERE o.id IN (SELECT id FROM settling)
 ON CONFLICT (instance_id, step_id) DO UPDATE
     SET output = excluded.output, attempt = excluded.attempt, created_at = now()
 """
 
 
 async def settle_locked(conn: psycopg.AsyncConnection[Any], owner: Owner,
-                        settled: Sequence[Settled]) -> None:
+                        settled: Sequence[Settled], outputs: Sequence[StepDone]) -> None:
     """Send the write of what the held run of locked instances came to (`LOCK_DUE`). In
     pipeline mode it goes with the COMMIT, one round trip for both: nothing is read back,
     as rows this transaction holds locked cannot change under it."""
-    await conn.execute(SETTLE_LOCKED, settle_params(owner, settled))
+    await conn.execute(SETTLE_LOCKED, settle_params(owner, settled, outputs))
 
 
-def settle_params(owner: Owner, settled: Sequence[Settled]) -> dict[str, Any]:
-    """`SETTLE_LOCKED`'s parameters, the instances as one JSON document."""
-    return claim_params(owner, len(settled)) | {"settled": orjson.dumps([
-        {"id": s.id, "epoch": s.epoch, "next_index": s.next_index, "last": s.last,
-         "step_id": s.step_id, "attempt": s.attempt,
-         "output": None if s.output_json is None else orjson.Fragment(s.output_json)}
-        for s in settled
-    ]).decode()}
+def settle_params(owner: Owner, settled: Sequence[Settled],
+                  outputs: Sequence[StepDone]) -> dict[str, Any]:
+    """`SETTLE_LOCKED`'s parameters: the instances and the outputs as JSON documents."""
+    return claim_params(owner, len(settled)) | {
+        "settled": orjson.dumps([{"id": s.id, "epoch": s.epoch, "next_index": s.next_index,
+                                  "last": s.last} for s in settled]).decode(),
+        "outputs": finish_params(outputs)["batch"]}
 
 
 def rolled_back(error: BaseException) -> bool:
@@ -694,16 +690,19 @@ class HeldStep:
     step_index: int
     # Attempts already charged at this step (the handler saw attempt + 1).
     attempt: int
+    # `running`, or `scheduled` for steps a held claim ran (see `LOCK_HELD`).
+    state: str
 
 
 # The rows still held by one worker slot's claims among `ids`, locked until the caller's
 # transaction ends, so that the charge and the release after it see them as they are now
 # (a concurrent sweep of the same rows waits for us, or we for it, and re-checks).
-# Scheduled rows too: a step the worker ran in a held claim (`LOCK_DUE`) left its row
-# scheduled when the process died; the caller charges only a row still at the step and
-# attempt the process was running.
+# Scheduled rows too: steps the worker ran in a held claim (`LOCK_DUE`) left their row
+# scheduled, as it was locked, when the process died; the caller charges only a row still
+# where the process was running it.
 LOCK_HELD = """
-SELECT id, claim_epoch AS epoch, sequence_name, sequence_version, step_index, attempt
+SELECT id, claim_epoch AS epoch, sequence_name, sequence_version, step_index, attempt,
+    state
 FROM instances
 WHERE id = ANY(%(ids)s::uuid[])
   AND (state = 'running' AND claim_incarnation = %(incarnation)s
