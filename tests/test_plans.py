@@ -119,16 +119,32 @@ def prepare(conn: psycopg.Connection[Any], statistics: str) -> None:
         conn.execute("ANALYZE instances")
 
 
-def claim(dsn: str, limit: int = 50) -> tuple[list[claims.Claimed], Plans]:
+def claim(dsn: str, limit: int = 50, held: bool = False) -> tuple[list[claims.Claimed], Plans]:
+    """One claim (`held`: a held claim that completes what it locked, as a worker's held
+    claim of instant steps does); what it took, and the plans."""
     async def run() -> tuple[list[claims.Claimed], Plans]:
         plans = Plans()
         async with await psycopg.AsyncConnection.connect(explaining(dsn),
                                                          autocommit=True) as aconn:
             aconn.add_notice_handler(plans.hear)
-            taken = await claims.claim(aconn, Owner("n", uuid.uuid4(), 0), limit)
+            owner = Owner("n", uuid.uuid4(), 0)
+            taken = (await held_claim(aconn, owner, limit) if held
+                     else await claims.claim(aconn, owner, limit))
         return taken, plans
 
     return asyncio.run(run())
+
+
+async def held_claim(aconn: psycopg.AsyncConnection[Any], owner: Owner,
+                     limit: int) -> list[claims.Claimed]:
+    """Lock up to `limit` due instances and complete them in the same transaction,
+    pipelined, as a worker's held claim of one-step instant instances does."""
+    async with aconn.pipeline(), aconn.transaction():
+        locked, _ = await claims.lock_due(aconn, owner, limit)
+        await claims.settle_locked(
+            aconn, owner, [claims.Settled(c.id, c.epoch, 1, True) for c in locked],
+            completed(locked))
+    return locked
 
 
 def finish(dsn: str, ids: list[uuid.UUID]) -> Plans:
@@ -148,13 +164,14 @@ def finish(dsn: str, ids: list[uuid.UUID]) -> Plans:
 
 
 def claims_on_one_connection(dsn: str, limits: list[int], *, finish_each: bool = False,
-                             with_finish: bool = False
+                             with_finish: bool = False, held: bool = False
                              ) -> tuple[list[int], Plans, list[tuple[str, int, int]]]:
     """Claim once per limit on one connection, as a worker does all day (completing each
     batch if `finish_each`, which frees its slots; or, `with_finish`, claiming each batch
-    after the first with the statement that completes the one before it); return how many
-    each claim took, the plans, and the connection's prepared statements with their
-    generic and custom plans."""
+    after the first with the statement that completes the one before it; or, `held`, in
+    held claims that complete what they lock); return how many each claim took, the
+    plans, and the connection's prepared statements with their generic and custom
+    plans."""
     async def run() -> tuple[list[int], Plans, list[tuple[str, int, int]]]:
         plans = Plans()
         async with await psycopg.AsyncConnection.connect(explaining(dsn),
@@ -164,7 +181,9 @@ def claims_on_one_connection(dsn: str, limits: list[int], *, finish_each: bool =
             taken: list[int] = []
             batch: list[claims.Claimed] = []
             for limit in limits:
-                if with_finish and batch:
+                if held:
+                    batch = await held_claim(aconn, owner, limit)
+                elif with_finish and batch:
                     refilled = await claims.finish_and_claim(aconn, completed(batch), owner,
                                                              limit)
                     assert refilled.refused == set()
@@ -194,15 +213,16 @@ def depth(dsn: str) -> tuple[dict[str, int], Plans]:
         return queue_depth().run(listening), plans
 
 
-def test_a_claim_costs_the_same_with_rows_scheduled_for_later(dsn, conn):
+@pytest.mark.parametrize("held", [False, True], ids=["claim", "held claim"])
+def test_a_claim_costs_the_same_with_rows_scheduled_for_later(dsn, conn, held):
     # Fewer due rows than a batch: the claim must not walk on past them.
     add(conn, 5)
-    taken, plans = claim(dsn)
+    taken, plans = claim(dsn, held=held)
     alone = plans.buffers()
     add(conn, 5)
     add_future_rows(conn)
     conn.execute("ANALYZE instances")
-    taken_later, plans = claim(dsn)
+    taken_later, plans = claim(dsn, held=held)
     assert (len(taken), len(taken_later)) == (5, 5)
     assert plans.buffers() <= alone + SMALL, (alone, plans.buffers())
 
@@ -218,22 +238,25 @@ def test_queue_depth_costs_the_same_with_rows_scheduled_for_later(dsn, conn):
     assert plans.buffers() <= alone + SMALL // 4, (alone, plans.buffers())
 
 
+@pytest.mark.parametrize("held", [False, True], ids=["claim", "held claim"])
 @pytest.mark.parametrize("statistics", STATISTICS)
-def test_the_claim_reads_its_index_whatever_the_statistics(dsn, conn, statistics):
+def test_the_claim_reads_its_index_whatever_the_statistics(dsn, conn, statistics, held):
     prepare(conn, statistics)
     add(conn, 20_000, every_priority=True)
-    taken, plans = claim(dsn)
+    taken, plans = claim(dsn, held=held)
     assert len(taken) == 50
     assert plans.instance_reads() <= CLAIM_READS, plans.instance_reads()
     assert "Index Scan on instances_claim_order" in plans.instance_reads()
 
 
-# How a worker claims: by itself, or (while a backlog lasts) in the statement that records
-# the outcomes of its last batch; and which of its prepared statements that is.
+# How a worker claims: in a held claim; by itself; or (while a backlog of claimed
+# instances lasts) in the statement that records the outcomes of its last batch; and
+# which of its prepared statements that is.
 CLAIMING = {
-    "alone": (False, lambda text: "candidate AS MATERIALIZED" in text
+    "held": ({"held": True}, lambda text: "AS keyed" in text),
+    "alone": ({}, lambda text: "candidate AS MATERIALIZED" in text
               and "jsonb_to_recordset" not in text),
-    "with the finish": (True, lambda text: "candidate AS MATERIALIZED" in text
+    "with the finish": ({"with_finish": True}, lambda text: "candidate AS MATERIALIZED" in text
                         and "jsonb_to_recordset" in text),
 }
 
@@ -253,8 +276,8 @@ def test_a_worker_keeps_one_generic_claim_plan_that_reads_the_claim_index(dsn, c
     if statistics == "analyzed with the work present":
         conn.execute("ANALYZE instances")
     limits = [50, 33, 41, 64, 50, 37, 50, 45, 58, 50, 36, 50, 50, 44, 50]
-    with_finish, is_claim = CLAIMING[claiming]
-    taken, plans, prepared = claims_on_one_connection(dsn, limits, with_finish=with_finish)
+    how, is_claim = CLAIMING[claiming]
+    taken, plans, prepared = claims_on_one_connection(dsn, limits, **how)
     assert taken == limits
     [(_, generic, custom)] = [row for row in prepared if is_claim(row[0])]
     # psycopg prepares a statement on its sixth use; PostgreSQL plans the first five

@@ -226,8 +226,8 @@ class Executor:
         wanted = {(claimed.sequence_name, claimed.sequence_version) for claimed in batch}
         sequences = {key: await self._sequence(*key) for key in wanted}
         return [Run(claimed, sequences[claimed.sequence_name, claimed.sequence_version],
-                     outputs.get(claimed.id, {}), claimed.step_index, claimed.attempt,
-                     claimed.delay_done)
+                    outputs.get(claimed.id, {}), claimed.step_index, claimed.attempt,
+                    claimed.delay_done)
                 for claimed in batch]
 
     async def _round(self, runs: list[Run], alone: list[asyncio.Task[None]],

@@ -3,10 +3,10 @@
 Every `tick_interval_ms`, or at once when a NOTIFY says work arrived or a slot frees up
 while a backlog exists, it takes up to `min(batch_size, free slots)` due instances in a
 held claim (`Executor.run_locked`): their rows locked in one transaction, each one's
-current step run at once where it can be, its outcome written before the commit. What
-must wait (a coroutine that suspended, a plain function, a delay, a rate limit, a
-failure, a later step) comes out of that transaction claimed, and runs on as one batch,
-in one task. Keyed candidates are claimed after it, into their keys' slots. Polling is
+steps run there while each returns at once, what they came to written before the commit.
+What must wait (a coroutine that suspended, a plain function, a delay, a rate limit, a
+failure, a retry) comes out of that transaction claimed, and runs on as one batch, in one
+task. Keyed candidates are claimed after it, into their keys' slots. Polling is
 the source of truth; NOTIFY only shortens the wait. While a backlog lasts (the last
 claim was full), the write that records a round's outcomes also claims the next batch,
 as many as that round frees (`reserve`, `claimed`): one statement per batch instead of
