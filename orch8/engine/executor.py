@@ -33,7 +33,7 @@ from orch8.engine.committer import StepCommitter
 from orch8.engine.limits import LimitWatch
 from orch8.engine.stats import WorkerStats
 from orch8.handlers.context import StepContext
-from orch8.handlers.registry import Registry
+from orch8.handlers.registry import Handler, Registry
 from orch8.model import Step
 from orch8.store import claims, rate_limits
 from orch8.store.claims import Claimed, Owner, Settled, StepDone
@@ -198,9 +198,8 @@ class Executor:
                 step = run.step
                 handler = self._registry.get(step.handler)
                 outcome: Outcome | Awaitable[Outcome] | None = None
-                if not (run.attempt or (step.delay_ms and not run.delay_done)
-                        or self._limited(step)
-                        or (handler is not None and not handler.is_async)):
+                if (not run.attempt and not (step.delay_ms and not run.delay_done)
+                        and self._starts_here(step, handler)):
                     outcome = self._caller.call_now(handler, step, run.context())
                 if isinstance(outcome, Outcome) and outcome.error is None:
                     outputs.append(run.done(outcome))
@@ -240,7 +239,7 @@ class Executor:
         for run in starting:
             step = run.step
             handler = self._registry.get(step.handler)
-            if handler is not None and (not handler.is_async or self._limited(step)):
+            if not self._starts_here(step, handler):
                 pending: Awaitable[Outcome] | None = None
             else:
                 outcome = self._caller.call_now(handler, step, run.context())
@@ -330,6 +329,12 @@ class Executor:
         else:
             self._stats.add("completed")
         left(1)
+
+    def _starts_here(self, step: Step, handler: Handler | None) -> bool:
+        """Whether the step's call starts on this task (`Caller.call_now`): a coroutine
+        handler with no rate limit, or none at all (its failure comes back at once). A
+        plain function needs a thread, a rate limit a slot."""
+        return (handler is None or handler.is_async) and not self._limited(step)
 
     def _limited(self, step: Step) -> bool:
         return self._limits is not None and self._limits.applies(step.handler)

@@ -324,6 +324,13 @@ class StepDone(NamedTuple):
     last: bool
 
 
+# How a step's output is recorded, by every statement that records one: a write retried
+# after its reply was lost finds its own row and rewrites it (one row per step, see
+# `step_outputs`'s primary key).
+RECORD_OUTPUT = """
+    ON CONFLICT (instance_id, step_id) DO UPDATE
+        SET output = excluded.output, attempt = excluded.attempt, created_at = now()"""
+
 # Group commit: many instances' step outcomes in one statement. The UPDATE is the fence
 # (epoch and state must still match); only rows it updated get their output inserted.
 # Its rows are found by their ids alone, through the primary key: the state test is
@@ -333,7 +340,7 @@ class StepDone(NamedTuple):
 # The batch travels as one JSON document: encoding it with orjson costs far less than
 # adapting seven parameter arrays element by element (orjson writes UUIDs itself, too).
 # `{gate}` is empty here; `FINISH_AND_CLAIM` fills it (see there).
-FINISHED = """
+FINISHED = f"""
 done AS (
     SELECT * FROM jsonb_to_recordset(%(batch)s::jsonb) AS d(
         id uuid, epoch bigint, step_id text, attempt int, output jsonb, next_index int,
@@ -347,14 +354,12 @@ done AS (
     -- The step index too: a write retried after its reply was lost must not apply twice.
     WHERE i.id = ANY (ARRAY(SELECT id FROM done)) AND i.id = d.id
       AND i.claim_epoch = d.epoch AND (i.state = 'running') IS TRUE
-      AND i.step_index = d.next_index - 1 {gate}
+      AND i.step_index = d.next_index - 1 {{gate}}
     RETURNING i.id
 ), recorded AS (
     INSERT INTO step_outputs (instance_id, step_id, output, attempt)
     SELECT d.id, d.step_id, d.output, d.attempt
-    FROM done d JOIN advanced a ON a.id = d.id
-    ON CONFLICT (instance_id, step_id) DO UPDATE
-        SET output = excluded.output, attempt = excluded.attempt, created_at = now()
+    FROM done d JOIN advanced a ON a.id = d.id {RECORD_OUTPUT}
 )"""
 
 FINISH_STEPS = f"""
@@ -374,11 +379,16 @@ async def refused_steps(
 
 def finish_params(done: Sequence[StepDone]) -> dict[str, Any]:
     """The parameter of `FINISH_STEPS`: the batch as one JSON document."""
-    return {"batch": orjson.dumps([
+    return {"batch": steps_json(done)}
+
+
+def steps_json(done: Sequence[StepDone]) -> str:
+    """Step successes as one JSON document (`FINISHED`'s and `SETTLE_LOCKED`'s)."""
+    return orjson.dumps([
         {"id": d.id, "epoch": d.epoch, "step_id": d.step_id, "attempt": d.attempt,
          "output": orjson.Fragment(d.output_json), "next_index": d.next_index, "last": d.last}
         for d in done
-    ]).decode()}
+    ]).decode()
 
 
 # While a backlog lasts, a worker records a round's outcomes and claims its next batch in
@@ -482,7 +492,7 @@ class Settled(NamedTuple):
 # refuse a row this transaction holds locked; were it ever to, that row would get no
 # outputs, and the writes of its run that goes on would be refused by their own fence, as
 # for any lost claim.
-SETTLE_LOCKED = """
+SETTLE_LOCKED = f"""
 WITH settled AS (
     SELECT * FROM jsonb_to_recordset(%(settled)s::jsonb) AS s(
         id uuid, epoch bigint, next_index int, last bool)
@@ -498,6 +508,7 @@ WITH settled AS (
         updated_at = statement_timestamp()
     FROM settled s
     WHERE i.id = ANY (ARRAY(SELECT id FROM settled)) AND i.id = s.id
+      -- `IS TRUE`: found by id only, whatever the statistics (see `FINISHED`).
       AND i.claim_epoch = s.epoch AND (i.state = 'scheduled') IS TRUE
     RETURNING i.id
 )
@@ -505,9 +516,7 @@ INSERT INTO step_outputs (instance_id, step_id, output, attempt)
 SELECT o.id, o.step_id, o.output, o.attempt
 FROM jsonb_to_recordset(%(outputs)s::jsonb) AS o(
     id uuid, step_id text, attempt int, output jsonb)
-WHERE o.id IN (SELECT id FROM settling)
-ON CONFLICT (instance_id, step_id) DO UPDATE
-    SET output = excluded.output, attempt = excluded.attempt, created_at = now()
+WHERE o.id IN (SELECT id FROM settling) {RECORD_OUTPUT}
 """
 
 
@@ -525,7 +534,7 @@ def settle_params(owner: Owner, settled: Sequence[Settled],
     return claim_params(owner, len(settled)) | {
         "settled": orjson.dumps([{"id": s.id, "epoch": s.epoch, "next_index": s.next_index,
                                   "last": s.last} for s in settled]).decode(),
-        "outputs": finish_params(outputs)["batch"]}
+        "outputs": steps_json(outputs)}
 
 
 def rolled_back(error: BaseException) -> bool:
