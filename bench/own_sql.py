@@ -4,7 +4,8 @@ themselves, with no engine around them.
 Each process sends what a worker sends while a backlog of steps that return at once
 lasts: batch after batch, a held claim (`claims.LOCK_DUE`) and, in the same transaction,
 the write that completes every instance's one step with output `{}`
-(`claims.SETTLE_LOCKED`), pipelined as a worker sends them (two round trips), with plain
+(`claims.SETTLE_LOCKED`), pipelined as a worker sends them (the write, its commit and the
+next batch's lock in one round trip), with plain
 psycopg (no pool, no asyncio, no handler, no supervisor). Between the raw loop and a real
 node it splits the gap in two: the raw loop / this loop is the price of orch8's schema and
 statements, this loop / the node the price of the engine (handlers, executor, asyncio,
@@ -32,30 +33,44 @@ LAST_FINISHED = "SELECT max(finished_at) FROM instances WHERE sequence_name = %(
 
 
 def loop(signals: Signals, slot: int, dsn: str, batch: int) -> None:
-    """One process: lock a batch, complete it in the same transaction, count; sleep 5 ms
-    when nothing is there; a transaction PostgreSQL rolled back goes again. Its node id
-    has no `cluster_nodes` row, which the claim does not check (a worker run alone)."""
+    """One process: lock a batch, complete it in the same transaction, and while batches
+    come back full, send the next lock with that write and its commit, as a worker does;
+    count each batch once its commit is confirmed; sleep 5 ms when nothing is there; a
+    transaction PostgreSQL rolled back goes again. Its node id has no `cluster_nodes`
+    row, which the claim does not check (a worker run alone)."""
     owner = Owner(f"own-sql-{slot}", uuid.uuid4(), slot)
     params = claims.claim_params(owner, batch)
     lock = claims.bounded(claims.LOCK_DUE, batch)
     with psycopg.connect(dsn, autocommit=True) as conn:
         signals.await_go()
         while not signals.stop.is_set():
+            rows, commit = [], None
             try:
-                with conn.pipeline(), conn.transaction():
+                with conn.pipeline():
+                    conn.execute("BEGIN")
                     rows = conn.execute(lock, params).fetchall()
-                    settled = [Settled(row[0], row[1], 1, True) for row in rows]
-                    outputs = [StepDone(row[0], row[1], STEP, 1, "{}", 1, True)
-                               for row in rows]
-                    if settled:
-                        conn.execute(claims.SETTLE_LOCKED,
-                                     claims.settle_params(owner, settled, outputs))
+                    while True:
+                        settled = [Settled(row[0], row[1], 1, True) for row in rows]
+                        outputs = [StepDone(row[0], row[1], STEP, 1, "{}", 1, True)
+                                   for row in rows]
+                        if settled:
+                            conn.execute(claims.SETTLE_LOCKED,
+                                         claims.settle_params(owner, settled, outputs))
+                        commit = conn.execute("COMMIT")
+                        if len(rows) < batch or signals.stop.is_set():
+                            break  # leaving the pipeline syncs it
+                        conn.execute("BEGIN")
+                        following = conn.execute(lock, params).fetchall()
+                        signals.count(len(rows))  # its commit was answered before the rows
+                        rows, commit = following, None
             except psycopg.Error as error:
+                if commit is not None and claims.committed(commit):
+                    signals.count(len(rows))  # what failed came after this commit
                 if not claims.rolled_back(error):
                     raise
                 continue  # rolled back whole (a deadlock's victim): again, as a worker does
-            if settled:
-                signals.count(len(settled))
+            if rows:
+                signals.count(len(rows))
             else:
                 time.sleep(0.005)
 

@@ -8,15 +8,19 @@ instance, so the tests read from the database which path each instance took.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections import Counter
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
 from typing import Any
 
 import psycopg
 import pytest
 
 from orch8 import Client, HandlerError, StepContext, handler
-from orch8.store import nodes
+from orch8.store import claims, nodes
+from orch8.store.claims import Owner
 from tests.engine_helpers import run_workers_until
 
 TRANSITIONS = """
@@ -175,28 +179,59 @@ def test_a_held_claim_that_does_not_commit_recorded_nothing(dsn: str, client: Cl
     assert done.outputs == {"a": {"runs": 2}} and done.attempt == 0
 
 
-def test_the_sweep_ends_a_dead_nodes_worker_sessions(dsn: str, client: Client) -> None:
+async def hold_as_a_worker(conn: psycopg.AsyncConnection[Any], instance_id: uuid.UUID,
+                           owner: Owner, stack: AsyncExitStack
+                           ) -> Callable[[], Awaitable[Any]]:
+    """A held claim as a worker sends it (pipeline mode: BEGIN, the lock, a flush), left
+    open: the worker froze before its write. Return what it sends once it thaws."""
+    pipeline = await stack.enter_async_context(conn.pipeline())
+    locked, _ = await claims.lock_due(conn, owner, 10)
+    assert [c.id for c in locked] == [instance_id]
+    return pipeline.sync
+
+
+async def hold_in_a_plain_transaction(conn: psycopg.AsyncConnection[Any],
+                                      instance_id: uuid.UUID, owner: Owner,
+                                      stack: AsyncExitStack) -> Callable[[], Awaitable[Any]]:
+    await conn.execute("BEGIN")
+    await conn.execute("SELECT id FROM instances WHERE id = %s FOR UPDATE", (instance_id,))
+    return lambda: conn.execute("SELECT 1")
+
+
+@pytest.mark.parametrize("hold", [hold_as_a_worker, hold_in_a_plain_transaction])
+def test_the_sweep_ends_a_dead_nodes_worker_sessions(dsn: str, client: Client, hold: Any
+                                                    ) -> None:
     client.create_sequence("one", [{"id": "a", "handler": "noop"}])
     instance_id = client.start("one").id
     frozen = uuid.uuid4()
+    stack = AsyncExitStack()
 
-    async def register() -> None:
+    async def frozen_worker() -> Callable[[], Awaitable[Any]]:
         async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
             await nodes.register(conn, "frozen", frozen, "host", 1, 2, 60, lambda h: False)
+        holder = await psycopg.AsyncConnection.connect(
+            dsn, autocommit=True, application_name=nodes.worker_session(frozen))
+        stack.push_async_callback(holder.close)
+        owner = Owner("frozen", frozen, 0)
+        return await hold(holder, instance_id, owner, stack)  # type: ignore[no-any-return]
 
-    asyncio.run(register())
     # A frozen worker, in the middle of a held claim: its row stays locked.
-    holder = psycopg.connect(dsn, application_name=nodes.worker_session(frozen))
-    holder.execute("SELECT id FROM instances WHERE id = %s FOR UPDATE", (instance_id,))
-    skip_locked = "SELECT id FROM instances FOR UPDATE SKIP LOCKED"
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        assert conn.execute(skip_locked).fetchall() == []
-        assert nodes.sweep_stale(60).run(conn).ended == 0  # not stale yet: left alone
-        conn.execute("UPDATE cluster_nodes SET last_heartbeat = now() - interval '2 minutes'")
-        sweep = nodes.sweep_stale(60).run(conn)
-        assert (sweep.dead, sweep.ended) == (("frozen",), 1)
-        with conn.transaction():
-            assert conn.execute(skip_locked).fetchall() == [(instance_id,)]
-    with pytest.raises(psycopg.OperationalError):
-        holder.execute("SELECT 1")
-    holder.close()
+    loop = asyncio.new_event_loop()
+    try:
+        thawed = loop.run_until_complete(frozen_worker())
+        skip_locked = "SELECT id FROM instances FOR UPDATE SKIP LOCKED"
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            assert conn.execute(skip_locked).fetchall() == []
+            assert nodes.sweep_stale(60).run(conn).ended == 0  # not stale yet: left alone
+            conn.execute("UPDATE cluster_nodes "
+                         "SET last_heartbeat = now() - interval '2 minutes'")
+            sweep = nodes.sweep_stale(60).run(conn)
+            assert (sweep.dead, sweep.ended) == (("frozen",), 1)
+            with conn.transaction():
+                assert conn.execute(skip_locked).fetchall() == [(instance_id,)]
+        with pytest.raises(psycopg.OperationalError):
+            loop.run_until_complete(thawed())
+    finally:
+        with contextlib.suppress(psycopg.Error):
+            loop.run_until_complete(stack.aclose())
+        loop.close()

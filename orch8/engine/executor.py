@@ -84,12 +84,19 @@ class Run:
 
 @dataclass(frozen=True)
 class Held:
-    """What a held claim did: the unkeyed instances it locked and ran, how many keyed
-    ones it left for the keyed claim, and those of its instances that go on (claimed)."""
+    """What a held claim did: how many it asked for, the unkeyed instances it locked and
+    ran, how many keyed ones it left for the keyed claim, and those of its instances that
+    go on (claimed)."""
 
+    limit: int
     locked: list[Claimed]
     keyed: int
     going_on: list[Run]
+
+    @property
+    def full(self) -> bool:
+        """It found as many due instances as it asked for: a backlog, most likely."""
+        return len(self.locked) + self.keyed == self.limit
 
 
 async def _ready(outcome: Outcome) -> Outcome:
@@ -150,30 +157,53 @@ class Executor:
             if alone:
                 await asyncio.gather(*alone, return_exceptions=True)
 
-    async def run_locked(self, conn: psycopg.AsyncConnection[Any], owner: Owner,
-                         limit: int) -> Held:
-        """The held claim (`claims.LOCK_DUE`): lock up to `limit` due instances, run each
-        one's steps here for as long as they return at once, and write where each got to,
-        all in one transaction on `conn`. The instances that must wait come back claimed,
-        for `resume`; if the transaction fails, none of them was claimed."""
-        going_on: list[Run] = []
+    async def run_locked(self, conn: psycopg.AsyncConnection[Any], owner: Owner, limit: int,
+                         more: Callable[[Held], int], taken: Callable[[Held], None]) -> Held:
+        """Held claims (`claims.LOCK_DUE`) on `conn`, one after another while `more` asks
+        for another. Each locks up to its limit of due instances, runs each one's steps
+        here for as long as they return at once, and writes where each got to, in one
+        transaction. The instances that must wait come out of it claimed, handed to
+        `taken` (for `resume`) once its commit is confirmed; if it fails, none of them was
+        claimed. Return the last one.
+
+        `more(held)` is asked before `held` is written: its answer, the next claim's limit
+        (0 for none), is sent with the write and the COMMIT, so that while a backlog lasts
+        a batch costs one round trip, not two.
+        """
+        held: Held | None = None  # the last claim written, until its commit is confirmed
+        commit: psycopg.AsyncCursor[Any] | None = None
         try:
-            async with conn.pipeline(), conn.transaction():
+            async with conn.pipeline():
                 locked, keyed = await claims.lock_due(conn, owner, limit)
-                if locked:
-                    runs = await self._prepare(locked)
-                    settled, outputs, going_on = self._run_held(runs)
-                    await claims.settle_locked(conn, owner, settled, outputs)
+                while True:
+                    settled, outputs, going_on = self._run_held(await self._prepare(locked))
+                    held = Held(limit, locked, keyed, going_on)
+                    limit = more(held)
+                    commit = await claims.settle_locked(conn, owner, settled, outputs)
+                    if not limit:
+                        break  # leaving the pipeline syncs it: the commit's reply comes back
+                    locked, keyed = await claims.lock_due(conn, owner, limit)
+                    self._taken(held, taken)
+                    held, commit = None, None
         except BaseException:
-            for run in going_on:
-                if isinstance(run.pending, Coroutine):
-                    run.pending.close()  # its handler stops where it suspended
+            if held is not None and commit is not None and claims.committed(commit):
+                self._taken(held, taken)  # what failed came after its commit
+            elif held is not None:
+                for run in held.going_on:
+                    if isinstance(run.pending, Coroutine):
+                        run.pending.close()  # its handler stops where it suspended
             raise
-        for run in going_on:
+        assert held is not None
+        self._taken(held, taken)
+        return held
+
+    def _taken(self, held: Held, taken: Callable[[Held], None]) -> None:
+        """A held claim committed: its instances that go on are claimed, under the next
+        epoch."""
+        for run in held.going_on:
             run.claimed = run.claimed._replace(epoch=run.claimed.epoch + 1)
-        completed = len(locked) - len(going_on)
-        self._stats.add("completed", completed)
-        return Held(locked, keyed, going_on)
+        self._stats.add("completed", len(held.locked) - len(held.going_on))
+        taken(held)
 
     def _run_held(self, runs: list[Run]
                   ) -> tuple[list[Settled], list[StepDone], list[Run]]:
@@ -189,26 +219,35 @@ class Executor:
         settled: list[Settled] = []
         outputs: list[StepDone] = []
         going_on: list[Run] = []
+        # Each step's handler, and whether its call may start here, looked up once per
+        # step of the batch's sequences rather than once per instance (by identity: the
+        # steps come from the definitions cache, alive for the whole batch).
+        found: dict[int, tuple[Handler | None, bool]] = {}
+        call_now = self._caller.call_now
         while runs:
             next_round = []
             for run in runs:
-                if run.finished:
-                    settled.append(Settled(run.claimed.id, run.claimed.epoch, run.index, True))
+                claimed, steps, index = run.claimed, run.sequence.steps, run.index
+                if index == len(steps):
+                    settled.append(Settled(claimed.id, claimed.epoch, index, True))
                     continue
-                step = run.step
-                handler = self._registry.get(step.handler)
+                step = steps[index]
+                looked_up = found.get(id(step))
+                if looked_up is None:
+                    handler = self._registry.get(step.handler)
+                    looked_up = found[id(step)] = handler, self._starts_here(step, handler)
+                handler, starts = looked_up
                 outcome: Outcome | Awaitable[Outcome] | None = None
-                if (not run.attempt and not (step.delay_ms and not run.delay_done)
-                        and self._starts_here(step, handler)):
-                    outcome = self._caller.call_now(handler, step, run.context())
-                if isinstance(outcome, Outcome) and outcome.error is None:
+                if starts and not run.attempt and not (step.delay_ms and not run.delay_done):
+                    outcome = call_now(handler, step, run.context())
+                if type(outcome) is Outcome and outcome.error is None:
                     outputs.append(run.done(outcome))
                     run.advance(outcome.output)
                     next_round.append(run)
                     continue
                 # It waits, or it failed (written under the claim, as an attempt).
                 run.pending = _ready(outcome) if isinstance(outcome, Outcome) else outcome
-                settled.append(Settled(run.claimed.id, run.claimed.epoch, run.index, False))
+                settled.append(Settled(claimed.id, claimed.epoch, index, False))
                 going_on.append(run)
             runs = next_round
         return settled, outputs, going_on

@@ -8,9 +8,10 @@ What must wait (a coroutine that suspended, a plain function, a delay, a rate li
 failure, a retry) comes out of that transaction claimed, and runs on as one batch, in one
 task. Keyed candidates are claimed after it, into their keys' slots. Polling is
 the source of truth; NOTIFY only shortens the wait. While a backlog lasts (the last
-claim was full), the write that records a round's outcomes also claims the next batch,
-as many as that round frees (`reserve`, `claimed`): one statement per batch instead of
-two.
+claim was full), the next held claim is sent with the previous one's write and commit,
+one round trip per batch (`_more`); and for batches that run under a claim, the write
+that records a round's outcomes also claims the next batch, as many as that round frees
+(`reserve`, `claimed`): one statement per batch instead of two.
 
 Stopping: `stop` set -> stop claiming; in-flight instances finish the step they are in and
 release the rest of their run; after `drain_timeout_s` (or at once after `hurry()`), what
@@ -37,7 +38,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from orch8.config import Settings
 from orch8.engine.committer import StepCommitter
-from orch8.engine.executor import Executor, Run
+from orch8.engine.executor import Executor, Held, Run
 from orch8.engine.limits import LimitWatch
 from orch8.engine.stats import WorkerStats
 from orch8.events import wait_any
@@ -71,8 +72,10 @@ class Worker:
         # Each running batch, and how many of its instances are still in this worker's hands.
         self._running: dict[asyncio.Task[None], _Batch] = {}
         self._in_flight = 0
-        # Slots promised to claims in flight (the claim loop's, or a write's: `reserve`).
+        # Slots promised to claims in flight (the claim loop's, or a write's: `reserve`),
+        # and of those, the claim loop's (`_hold`).
         self._reserved = 0
+        self._holding = 0
         self._stop: asyncio.Event | None = None
         self._executor: Executor | None = None
         self._wake = asyncio.Event()
@@ -146,8 +149,9 @@ class Worker:
             threads.shutdown(wait=False, cancel_futures=True)
             await pool.close()
 
-    async def run_once(self, pool: AsyncConnectionPool, executor: Executor) -> int:
-        """One claim: take what is due (up to the free slots) and start it; return how many."""
+    async def run_once(self, pool: AsyncConnectionPool, executor: Executor) -> None:
+        """One claim, or a run of them while a backlog lasts: take what is due (up to the
+        free slots) and start it."""
         if self._orphans:
             await self._release_orphans(pool)
         if self._claim_unsure and not self._reserved:
@@ -156,23 +160,49 @@ class Worker:
         limit = min(self.settings.batch_size, self.free_slots)
         if limit <= 0 or self._draining:
             return 0
-        self._reserved += limit
+        self._hold(limit)
         try:
             async with pool.connection() as conn:
-                held = await executor.run_locked(conn, self.owner, limit)
-                self._count_claimed(held.locked)
-                self._start_held(held.going_on, executor)
-                claimed = (await claims.claim_keyed(conn, self.owner,
-                                                    limit - len(held.going_on))
+                held = await executor.run_locked(conn, self.owner, limit, self._more,
+                                                 lambda held: self._taken(held, executor))
+                # (Still reserved: the keyed candidates' room, see `_more`.)
+                claimed = (await claims.claim_keyed(conn, self.owner, self._holding)
                            if held.keyed else [])
         except (psycopg.OperationalError, OSError):
             self._claim_unsure = True
             raise
         finally:
-            self._reserved -= limit
-        self._last_claim_full = len(held.locked) + held.keyed == limit
+            self._hold(0)
         self._start(claimed, executor)
-        return len(held.locked) + len(claimed)
+
+    def _more(self, held: Held) -> int:
+        """The limit of the held claim to lock with `held`'s commit (`run_locked`), 0 for
+        none: another while a backlog lasts and slots are free, never while stopping or
+        while claims may be unknown, nor with keyed candidates to seat first."""
+        self._last_claim_full = held.full
+        if held.keyed:
+            self._hold(held.limit)  # room for its instances that go on, and the keyed ones
+            return 0
+        self._hold(len(held.going_on))  # promised until taken
+        if (not held.full or self._draining or self._orphans or self._claim_unsure
+                or self._stop is None or self._stop.is_set()):
+            return 0
+        limit = min(self.settings.batch_size, self.free_slots)
+        if limit < self._refill_at:
+            return 0
+        self._hold(len(held.going_on) + limit)
+        return limit
+
+    def _taken(self, held: Held, executor: Executor) -> None:
+        """A held claim committed: run what it claimed (counted with what it locked)."""
+        self._hold(self._holding - len(held.going_on))
+        self._count_claimed(held.locked)
+        self._start_held(held.going_on, executor)
+
+    def _hold(self, count: int) -> None:
+        """Set the slots the claim loop's claims in flight hold promised (`_reserved`)."""
+        self._reserved += count - self._holding
+        self._holding = count
 
     def reserve(self, finishing: Sequence[StepDone]) -> int:
         """How many to claim with the write that records `finishing` (see the committer):

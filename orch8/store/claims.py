@@ -469,8 +469,11 @@ SELECT * FROM (
 
 async def lock_due(conn: psycopg.AsyncConnection[Any], owner: Owner,
                    limit: int) -> tuple[list[Claimed], int]:
-    """Lock up to `limit` due instances in the caller's transaction, in claim order;
-    return the unkeyed ones and how many keyed ones were among them."""
+    """Begin a transaction on `conn` (in pipeline mode) and lock up to `limit` due
+    instances in it, in claim order; return the unkeyed ones and how many keyed ones were
+    among them. What was queued before it on `conn` is answered first, in order: a
+    commit queued by `settle_locked` is confirmed by the time this returns."""
+    await conn.execute("BEGIN", prepare=False)
     cursor = await conn.execute(bounded(LOCK_DUE, limit), claim_params(owner, limit))
     rows = await cursor.fetchall()
     locked = [_claimed(row) for row in rows if not row[-1]]
@@ -521,11 +524,22 @@ WHERE o.id IN (SELECT id FROM settling) {RECORD_OUTPUT}
 
 
 async def settle_locked(conn: psycopg.AsyncConnection[Any], owner: Owner,
-                        settled: Sequence[Settled], outputs: Sequence[StepDone]) -> None:
-    """Send the write of what the held run of locked instances came to (`LOCK_DUE`). In
-    pipeline mode it goes with the COMMIT, one round trip for both: nothing is read back,
-    as rows this transaction holds locked cannot change under it."""
-    await conn.execute(SETTLE_LOCKED, settle_params(owner, settled, outputs))
+                        settled: Sequence[Settled], outputs: Sequence[StepDone]
+                        ) -> psycopg.AsyncCursor[Any]:
+    """Send the write of what the held run of locked instances came to (`LOCK_DUE`) and
+    the COMMIT, without waiting: in pipeline mode they go with whatever is sent next (the
+    next batch's `lock_due`, or a sync). Nothing is read back: rows this transaction
+    holds locked cannot change under it. Return the COMMIT's cursor (see `committed`)."""
+    if settled:
+        await conn.execute(SETTLE_LOCKED, settle_params(owner, settled, outputs))
+    return await conn.execute("COMMIT", prepare=False)
+
+
+def committed(commit: psycopg.AsyncCursor[Any] | psycopg.Cursor[Any]) -> bool:
+    """Whether the COMMIT sent on `commit` is known to have committed: its reply has
+    come back without an error (a failure before it, or a lost reply, leaves none)."""
+    result = commit.pgresult
+    return result is not None and result.status == psycopg.pq.ExecStatus.COMMAND_OK
 
 
 def settle_params(owner: Owner, settled: Sequence[Settled],

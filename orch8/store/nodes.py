@@ -211,13 +211,16 @@ WITH stale AS (
                           WHERE n.incarnation = i.claim_incarnation AND n.state <> 'dead'))
     RETURNING i.id
 ), ended AS (
-    -- A dead node's worker sessions that hold a transaction open end too: a frozen
-    -- worker's held claim (orch8.store.claims.LOCK_DUE) keeps its rows locked until its
-    -- transaction ends. Its other sessions stay, so that a late write from it is refused
+    -- A dead node's worker sessions that hold a transaction open, waiting on their
+    -- client, end too: a frozen worker's held claim (orch8.store.claims.LOCK_DUE) keeps
+    -- its rows locked until its transaction ends. (Its state reads `active`, not `idle in
+    -- transaction`: it is sent in pipeline mode, and the server reports a session idle
+    -- only at a sync.) Its other sessions stay, so that a late write from it is refused
     -- by the fence like any other. Only sessions of our own role, which a role may end.
     SELECT pg_terminate_backend(a.pid) FROM pg_stat_activity a
     WHERE a.application_name IN (SELECT 'orch8 worker ' || incarnation FROM stale)
-      AND a.state LIKE 'idle in transaction%%' AND a.usename = current_user
+      AND a.xact_start IS NOT NULL AND a.wait_event = 'ClientRead'
+      AND a.usename = current_user
 )
 SELECT (SELECT coalesce(array_agg(id ORDER BY id), '{}') FROM stale) AS dead,
        (SELECT count(*) FROM released) AS released,
