@@ -11,14 +11,19 @@ import asyncio
 import contextlib
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
 from typing import Any
 
 import psycopg
 import pytest
+from psycopg_pool import AsyncConnectionPool
 
 from orch8 import Client, HandlerError, StepContext, handler
+from orch8.engine.executor import Executor, Held
+from orch8.engine.stats import WorkerStats
+from orch8.handlers.registry import default_registry
 from orch8.store import claims, nodes
 from orch8.store.claims import Owner
 from tests.engine_helpers import run_workers_until
@@ -235,3 +240,104 @@ def test_the_sweep_ends_a_dead_nodes_worker_sessions(dsn: str, client: Client, h
         with contextlib.suppress(psycopg.Error):
             loop.run_until_complete(stack.aclose())
         loop.close()
+
+
+# The chain of held claims (`Executor.run_locked`), driven directly: each held claim's
+# write and COMMIT go with the next one's lock, so what a claim hands over must wait for
+# its own commit, and a failure must be placed before or after it.
+
+SUSPENDED: list[str] = []  # `held_suspends` calls that were stopped where they suspended
+
+
+@handler("held_suspends")
+async def suspends(ctx: StepContext, params: dict[str, Any]) -> dict[str, Any]:
+    try:
+        await asyncio.sleep(0)
+    except GeneratorExit:
+        SUSPENDED.append(str(ctx.instance_id))
+        raise
+    return {}
+
+
+@contextlib.asynccontextmanager
+async def executor_on(dsn: str) -> AsyncIterator[tuple[Executor, psycopg.AsyncConnection[Any]]]:
+    async with AsyncConnectionPool(dsn, min_size=1, max_size=2, open=False,
+                                   kwargs={"autocommit": True}) as pool:
+        executor = Executor(pool, None, default_registry, WorkerStats(),  # type: ignore[arg-type]
+                            ThreadPoolExecutor(1), lambda: False)
+        async with pool.connection() as conn:
+            yield executor, conn
+
+
+def claims_of(dsn: str, ids: list[uuid.UUID]) -> list[tuple[str, int]]:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute("SELECT state, claim_epoch FROM instances WHERE id = ANY(%s) "
+                            "ORDER BY id", (ids,)).fetchall()
+
+
+def test_held_claims_chain_while_full_batches_come_back(dsn: str, client: Client) -> None:
+    client.create_sequence("one", [{"id": "a", "handler": "noop"}])
+    ids = [c.id for c in client.start_many([{"sequence": "one"}] * 5)]
+    taken: list[list[uuid.UUID]] = []
+
+    async def run() -> Held:
+        async with executor_on(dsn) as (executor, conn):
+            return await executor.run_locked(
+                conn, Owner("test-node", uuid.uuid4(), 0), 2,
+                lambda held: 2 if held.full else 0,
+                lambda held: taken.append([c.id for c in held.locked]))
+
+    last = asyncio.run(run())
+    # Three claims of 2, 2 and 1, each handed over once; the last one, short of its
+    # limit, ended the chain.
+    assert [len(batch) for batch in taken] == [2, 2, 1]
+    assert sorted(i for batch in taken for i in batch) == sorted(ids)
+    assert (last.limit, len(last.locked), last.full) == (2, 1, False)
+    assert paths(dsn) == {i: [("scheduled", "completed")] for i in ids}
+
+
+def test_a_failure_after_a_commit_hands_over_what_it_claimed(dsn: str, client: Client
+                                                              ) -> None:
+    client.create_sequence("waits", [{"id": "a", "handler": "held_suspends"}])
+    ids = sorted(c.id for c in client.start_many([{"sequence": "waits"}] * 2))
+    taken: list[Held] = []
+
+    async def run() -> None:
+        async with executor_on(dsn) as (executor, conn):
+            # The next claim's lock fails (a negative LIMIT) after this one's commit.
+            await executor.run_locked(conn, Owner("test-node", uuid.uuid4(), 0), 2,
+                                      lambda held: -1, taken.append)
+
+    with pytest.raises(psycopg.DataError):
+        asyncio.run(run())
+    [held] = taken
+    assert sorted(run.claimed.id for run in held.going_on) == ids
+    assert all(run.claimed.epoch == 1 for run in held.going_on)  # the claim's own epoch
+    assert claims_of(dsn, ids) == [("running", 1), ("running", 1)]
+    for run in held.going_on:
+        run.pending.close()  # type: ignore[union-attr]
+
+
+def test_a_failed_write_claims_nothing_and_stops_its_handlers(dsn: str, client: Client
+                                                              ) -> None:
+    client.create_sequence("waits", [{"id": "a", "handler": "held_suspends"}])
+    ids = sorted(c.id for c in client.start_many([{"sequence": "waits"}] * 2))
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("""
+            CREATE FUNCTION test_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN RAISE EXCEPTION 'refused'; END $$;
+            CREATE TRIGGER test_refuse BEFORE UPDATE ON instances
+                FOR EACH ROW EXECUTE FUNCTION test_refuse();""")
+    SUSPENDED.clear()
+    taken: list[Held] = []
+
+    async def run() -> None:
+        async with executor_on(dsn) as (executor, conn):
+            await executor.run_locked(conn, Owner("test-node", uuid.uuid4(), 0), 2,
+                                      lambda held: 2, taken.append)
+
+    with pytest.raises(psycopg.errors.RaiseException):
+        asyncio.run(run())
+    # Nothing was handed over or written, and both calls were stopped where they waited.
+    assert taken == [] and sorted(SUSPENDED) == sorted(str(i) for i in ids)
+    assert claims_of(dsn, ids) == [("scheduled", 0), ("scheduled", 0)]
