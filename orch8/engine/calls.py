@@ -167,7 +167,7 @@ def _announcing(function: Any, is_async: bool, on_start: Callable[[], None]) -> 
 def _output(result: Any) -> Outcome:
     """Handlers return a dict (None counts as {}); anything else is the handler's bug."""
     if result is None:
-        result = {}
+        return Outcome(output_json="{}", output={})
     if not isinstance(result, dict):
         return Outcome(error=f"handler returned {type(result).__name__}, not a dict",
                        retryable=False)

@@ -219,35 +219,30 @@ class Executor:
         settled: list[Settled] = []
         outputs: list[StepDone] = []
         going_on: list[Run] = []
-        # Each step's handler, and whether its call may start here, looked up once per
-        # step of the batch's sequences rather than once per instance (by identity: the
-        # steps come from the definitions cache, alive for the whole batch).
-        found: dict[int, tuple[Handler | None, bool]] = {}
-        call_now = self._caller.call_now
         while runs:
             next_round = []
             for run in runs:
-                claimed, steps, index = run.claimed, run.sequence.steps, run.index
-                if index == len(steps):
-                    settled.append(Settled(claimed.id, claimed.epoch, index, True))
+                if run.finished:
+                    settled.append(Settled(run.claimed.id, run.claimed.epoch, run.index, True))
                     continue
-                step = steps[index]
-                looked_up = found.get(id(step))
-                if looked_up is None:
-                    handler = self._registry.get(step.handler)
-                    looked_up = found[id(step)] = handler, self._starts_here(step, handler)
-                handler, starts = looked_up
+                step = run.step
+                handler = self._registry.get(step.handler)
                 outcome: Outcome | Awaitable[Outcome] | None = None
-                if starts and not run.attempt and not (step.delay_ms and not run.delay_done):
-                    outcome = call_now(handler, step, run.context())
-                if type(outcome) is Outcome and outcome.error is None:
-                    outputs.append(run.done(outcome))
-                    run.advance(outcome.output)
-                    next_round.append(run)
+                if (not run.attempt and not (step.delay_ms and not run.delay_done)
+                        and self._starts_here(step, handler)):
+                    outcome = self._caller.call_now(handler, step, run.context())
+                if isinstance(outcome, Outcome) and outcome.error is None:
+                    done = run.done(outcome)
+                    outputs.append(done)
+                    if done.last:  # (most runs: no need to carry it further)
+                        settled.append(Settled(done.id, done.epoch, done.next_index, True))
+                    else:
+                        run.advance(outcome.output)
+                        next_round.append(run)
                     continue
                 # It waits, or it failed (written under the claim, as an attempt).
                 run.pending = _ready(outcome) if isinstance(outcome, Outcome) else outcome
-                settled.append(Settled(claimed.id, claimed.epoch, index, False))
+                settled.append(Settled(run.claimed.id, run.claimed.epoch, run.index, False))
                 going_on.append(run)
             runs = next_round
         return settled, outputs, going_on
