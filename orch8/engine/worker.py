@@ -159,7 +159,7 @@ class Worker:
             await self._release_unknown(pool)
         limit = min(self.settings.batch_size, self.free_slots)
         if limit <= 0 or self._draining:
-            return 0
+            return
         self._hold(limit)
         try:
             async with pool.connection() as conn:
