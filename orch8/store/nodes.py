@@ -217,7 +217,9 @@ WITH stale AS (
     -- transaction`: it is sent in pipeline mode, and the server reports a session idle
     -- only at a sync.) Its other sessions stay, so that a late write from it is refused
     -- by the fence like any other. Only sessions of our own role, which a role may end.
-    SELECT pg_terminate_backend(a.pid) FROM pg_stat_activity a
+    -- Each is waited for (up to a second): once the sweep returns, the rows it held are
+    -- free for the workers its NOTIFY wakes.
+    SELECT pg_terminate_backend(a.pid, 1000) FROM pg_stat_activity a
     WHERE a.application_name IN (SELECT 'orch8 worker ' || incarnation FROM stale)
       AND a.xact_start IS NOT NULL AND a.wait_event = 'ClientRead'
       AND a.usename = current_user
