@@ -138,8 +138,9 @@ def claim(dsn: str, limit: int = 50, held: bool = False) -> tuple[list[claims.Cl
 async def held_claim(aconn: psycopg.AsyncConnection[Any], owner: Owner,
                      limit: int) -> list[claims.Claimed]:
     """Lock up to `limit` due instances and complete them in the same transaction,
-    pipelined, as a worker's held claim of one-step instant instances does."""
-    async with aconn.pipeline(), aconn.transaction():
+    pipelined, as a worker's held claim of one-step instant instances does (`lock_due`
+    begins it, `settle_locked` commits it)."""
+    async with aconn.pipeline():
         locked, _ = await claims.lock_due(aconn, owner, limit)
         await claims.settle_locked(
             aconn, owner, [claims.Settled(c.id, c.epoch, 1, True) for c in locked],

@@ -183,21 +183,22 @@ class Executor:
                     if not limit:
                         break  # leaving the pipeline syncs it: the commit's reply comes back
                     locked, keyed = await claims.lock_due(conn, owner, limit)
-                    self._taken(held, taken)
+                    self._hand_over(held, taken)
                     held, commit = None, None
         except BaseException:
-            if held is not None and commit is not None and claims.committed(commit):
-                self._taken(held, taken)  # what failed came after its commit
-            elif held is not None:
-                for run in held.going_on:
-                    if isinstance(run.pending, Coroutine):
-                        run.pending.close()  # its handler stops where it suspended
+            if held is not None:
+                if commit is not None and claims.committed(commit):
+                    self._hand_over(held, taken)  # what failed came after its commit
+                else:
+                    for run in held.going_on:
+                        if isinstance(run.pending, Coroutine):
+                            run.pending.close()  # its handler stops where it suspended
             raise
         assert held is not None
-        self._taken(held, taken)
+        self._hand_over(held, taken)
         return held
 
-    def _taken(self, held: Held, taken: Callable[[Held], None]) -> None:
+    def _hand_over(self, held: Held, taken: Callable[[Held], None]) -> None:
         """A held claim committed: its instances that go on are claimed, under the next
         epoch."""
         for run in held.going_on:
