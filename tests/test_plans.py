@@ -256,9 +256,9 @@ def test_the_claim_reads_its_index_whatever_the_statistics(dsn, conn, statistics
 CLAIMING = {
     "held": ({"held": True}, lambda text: "AS keyed" in text),
     "alone": ({}, lambda text: "candidate AS MATERIALIZED" in text
-              and "jsonb_to_recordset" not in text),
+              and "jsonb_array_elements" not in text),
     "with the finish": ({"with_finish": True}, lambda text: "candidate AS MATERIALIZED" in text
-                        and "jsonb_to_recordset" in text),
+                        and "jsonb_array_elements" in text),
 }
 
 

@@ -220,30 +220,42 @@ class Executor:
         settled: list[Settled] = []
         outputs: list[StepDone] = []
         going_on: list[Run] = []
+        call_now = self._caller.call_now
+        # Each step's handler, if a first attempt at it starts here: asked once per step
+        # the batch reaches (most batches reach one), not once per instance.
+        here: dict[int, tuple[Handler | None] | None] = {}
         while runs:
             next_round = []
             for run in runs:
-                if run.finished:
-                    settled.append(Settled(run.claimed.id, run.claimed.epoch, run.index, True))
+                claimed, steps, index = run.claimed, run.sequence.steps, run.index
+                if index >= len(steps):
+                    settled.append(Settled(claimed.id, claimed.epoch, index, True))
                     continue
-                step = run.step
-                handler = self._registry.get(step.handler)
+                step = steps[index]
                 outcome: Outcome | Awaitable[Outcome] | None = None
-                if (not run.attempt and not (step.delay_ms and not run.delay_done)
-                        and self._starts_here(step, handler)):
-                    outcome = self._caller.call_now(handler, step, run.context())
+                if not run.attempt and (run.delay_done or not step.delay_ms):
+                    key = id(step)  # (the sequence, cached, keeps its steps alive)
+                    if key not in here:
+                        handler = self._registry.get(step.handler)
+                        here[key] = (handler,) if self._starts_here(step, handler) else None
+                    starts = here[key]
+                    if starts is not None:
+                        outcome = call_now(starts[0], step, StepContext(
+                            claimed.id, run.sequence.name, step.id, 1, claimed.input,
+                            dict(run.outputs)))
                 if isinstance(outcome, Outcome) and outcome.error is None:
-                    done = run.done(outcome)
-                    outputs.append(done)
-                    if done.last:  # (most runs: no need to carry it further)
-                        settled.append(Settled(done.id, done.epoch, done.next_index, True))
+                    last = index + 1 == len(steps)
+                    outputs.append(StepDone(claimed.id, claimed.epoch, step.id, 1,
+                                            outcome.output_json or "{}", index + 1, last))
+                    if last:  # (most runs: no need to carry it further)
+                        settled.append(Settled(claimed.id, claimed.epoch, index + 1, True))
                     else:
                         run.advance(outcome.output)
                         next_round.append(run)
                     continue
                 # It waits, or it failed (written under the claim, as an attempt).
                 run.pending = _ready(outcome) if isinstance(outcome, Outcome) else outcome
-                settled.append(Settled(run.claimed.id, run.claimed.epoch, run.index, False))
+                settled.append(Settled(claimed.id, claimed.epoch, index, False))
                 going_on.append(run)
             runs = next_round
         return settled, outputs, going_on

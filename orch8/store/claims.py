@@ -339,12 +339,16 @@ RECORD_OUTPUT = """
 # a cost that grew with the cluster's load rather than with the batch.
 # The batch travels as one JSON document: encoding it with orjson costs far less than
 # adapting seven parameter arrays element by element (orjson writes UUIDs itself, too).
+# Each step is an array, not an object: no key is written, parsed or looked up per field.
+STEPS_DONE = """
+    SELECT (d->>0)::uuid AS id, (d->>1)::bigint AS epoch, d->>2 AS step_id,
+        (d->>3)::int AS attempt, d->4 AS output, (d->>5)::int AS next_index,
+        (d->>6)::bool AS last
+    FROM jsonb_array_elements({document}::jsonb) AS d"""
 # `{gate}` is empty here; `FINISH_AND_CLAIM` fills it (see there).
 FINISHED = f"""
 done AS (
-    SELECT * FROM jsonb_to_recordset(%(batch)s::jsonb) AS d(
-        id uuid, epoch bigint, step_id text, attempt int, output jsonb, next_index int,
-        last bool)
+    {STEPS_DONE.format(document="%(batch)s")}
 ), advanced AS (
     UPDATE instances i
     SET step_index = d.next_index, attempt = 0, delay_done = false, updated_at = now(),
@@ -383,10 +387,12 @@ def finish_params(done: Sequence[StepDone]) -> dict[str, Any]:
 
 
 def steps_json(done: Sequence[StepDone]) -> str:
-    """Step successes as one JSON document (`FINISHED`'s and `SETTLE_LOCKED`'s)."""
+    """Step successes as one JSON document (`FINISHED`'s and `SETTLE_LOCKED`'s, read back
+    by `STEPS_DONE`): an array per step, in `StepDone`'s field order, its output embedded
+    as the JSON it is."""
     return orjson.dumps([
-        {"id": d.id, "epoch": d.epoch, "step_id": d.step_id, "attempt": d.attempt,
-         "output": orjson.Fragment(d.output_json), "next_index": d.next_index, "last": d.last}
+        (d.id, d.epoch, d.step_id, d.attempt, orjson.Fragment(d.output_json), d.next_index,
+         d.last)
         for d in done
     ]).decode()
 
@@ -497,8 +503,9 @@ class Settled(NamedTuple):
 # for any lost claim.
 SETTLE_LOCKED = f"""
 WITH settled AS (
-    SELECT * FROM jsonb_to_recordset(%(settled)s::jsonb) AS s(
-        id uuid, epoch bigint, next_index int, last bool)
+    SELECT (s->>0)::uuid AS id, (s->>1)::bigint AS epoch, (s->>2)::int AS next_index,
+        (s->>3)::bool AS last
+    FROM jsonb_array_elements(%(settled)s::jsonb) AS s
 ), settling AS (
     UPDATE instances i
     SET state = CASE WHEN s.last THEN 'completed' ELSE 'running' END,
@@ -517,8 +524,7 @@ WITH settled AS (
 )
 INSERT INTO step_outputs (instance_id, step_id, output, attempt)
 SELECT o.id, o.step_id, o.output, o.attempt
-FROM jsonb_to_recordset(%(outputs)s::jsonb) AS o(
-    id uuid, step_id text, attempt int, output jsonb)
+FROM ({STEPS_DONE.format(document="%(outputs)s")}) AS o
 WHERE o.id IN (SELECT id FROM settling) {RECORD_OUTPUT}
 """
 
@@ -546,8 +552,8 @@ def settle_params(owner: Owner, settled: Sequence[Settled],
                   outputs: Sequence[StepDone]) -> dict[str, Any]:
     """`SETTLE_LOCKED`'s parameters: the instances and the outputs as JSON documents."""
     return claim_params(owner, len(settled)) | {
-        "settled": orjson.dumps([{"id": s.id, "epoch": s.epoch, "next_index": s.next_index,
-                                  "last": s.last} for s in settled]).decode(),
+        # An array per instance, in `Settled`'s field order (orjson writes plain tuples).
+        "settled": orjson.dumps(settled, default=tuple).decode(),
         "outputs": steps_json(outputs)}
 
 
