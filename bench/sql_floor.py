@@ -68,7 +68,7 @@ WHERE id IN (SELECT id FROM instances
 RETURNING id, claim_epoch
 """
 STATE_ONLY_FINISH = """
-WITH done AS (SELECT * FROM jsonb_to_recordset(%(batch)s::jsonb) AS d(id uuid)),
+WITH done AS (SELECT (d->>0)::uuid AS id FROM jsonb_array_elements(%(batch)s::jsonb) AS d),
 advanced AS (
     UPDATE instances i SET state = 'completed' FROM done d
     WHERE i.id = ANY (ARRAY(SELECT id FROM done)) AND i.id = d.id

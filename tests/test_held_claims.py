@@ -21,7 +21,7 @@ import pytest
 from psycopg_pool import AsyncConnectionPool
 
 from orch8 import Client, HandlerError, StepContext, handler
-from orch8.engine.executor import Executor, Held
+from orch8.engine.executor import Executor, Held, HeldConflict
 from orch8.engine.stats import WorkerStats
 from orch8.handlers.registry import default_registry
 from orch8.store import claims, nodes
@@ -341,3 +341,41 @@ def test_a_failed_write_claims_nothing_and_stops_its_handlers(dsn: str, client: 
     # Nothing was handed over or written, and both calls were stopped where they waited.
     assert taken == [] and sorted(SUSPENDED) == sorted(str(i) for i in ids)
     assert claims_of(dsn, ids) == [("scheduled", 0), ("scheduled", 0)]
+
+
+def test_an_output_already_recorded_costs_one_claim_not_the_instances(dsn: str, client: Client
+                                                                        ) -> None:
+    # A held run writes its outputs without a conflict check, as no output can be there
+    # for a step its instance has not passed. Were one there all the same, that claim
+    # records nothing, and the next one takes the same instances and overwrites it.
+    client.create_sequence("one", [{"id": "a", "handler": "noop", "params": {"x": 2}}])
+    ids = sorted(c.id for c in client.start_many([{"sequence": "one"}] * 3))
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("INSERT INTO step_outputs (instance_id, step_id, output, attempt) "
+                     "VALUES (%s, 'a', '{\"stale\": true}', 1)", (ids[0],))
+    owner = Owner("test-node", uuid.uuid4(), 0)
+
+    async def run() -> Held:
+        async with executor_on(dsn) as (executor, conn):
+            with pytest.raises(HeldConflict):
+                await executor.run_locked(conn, owner, 3, lambda held: 0, lambda held: None)
+            assert claims_of(dsn, ids) == [("scheduled", 0)] * 3  # nothing was written
+            await conn.rollback()  # as the pool does with a worker's connection
+            return await executor.run_locked(conn, owner, 3, lambda held: 0,
+                                              lambda held: None)
+
+    held = asyncio.run(run())
+    assert sorted(c.id for c in held.locked) == ids
+    assert claims_of(dsn, ids) == [("completed", 1)] * 3
+    assert all(client.get(i).outputs == {"a": {"x": 2}} for i in ids)
+
+
+def test_a_worker_goes_on_after_a_held_claim_found_an_output_recorded(dsn: str, client: Client
+                                                                       ) -> None:
+    client.create_sequence("one", [{"id": "a", "handler": "noop", "params": {"x": 3}}])
+    ids = [c.id for c in client.start_many([{"sequence": "one"}] * 4)]
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("INSERT INTO step_outputs (instance_id, step_id, output, attempt) "
+                     "VALUES (%s, 'a', '{\"stale\": true}', 1)", (ids[1],))
+    run_workers_until(dsn, finished(client, ids))
+    assert all(client.get(i).outputs == {"a": {"x": 3}} for i in ids)

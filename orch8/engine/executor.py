@@ -99,6 +99,11 @@ class Held:
         return len(self.locked) + self.keyed == self.limit
 
 
+class HeldConflict(Exception):
+    """A held claim recorded nothing because an output it assumed absent was there; the
+    next one writes with a conflict check (`Executor.run_locked`)."""
+
+
 async def _ready(outcome: Outcome) -> Outcome:
     return outcome
 
@@ -123,6 +128,9 @@ class Executor:
         self._limits = limits
         # Definitions are immutable per (name, version), so caching them forever is safe.
         self._sequences: dict[tuple[str, int], Sequence] = {}
+        # Whether held claims write their outputs with a conflict check (`settle_locked`):
+        # from the first one that found an output already recorded, for good.
+        self._settle_checked = False
 
     async def run(self, claimed: Claimed) -> None:
         """Run one instance's steps until it leaves this worker's hands."""
@@ -179,13 +187,14 @@ class Executor:
                     settled, outputs, going_on = self._run_held(await self._prepare(locked))
                     held = Held(limit, locked, keyed, going_on)
                     limit = more(held)
-                    commit = await claims.settle_locked(conn, owner, settled, outputs)
+                    commit = await claims.settle_locked(conn, owner, settled, outputs,
+                                                        self._settle_checked)
                     if not limit:
                         break  # leaving the pipeline syncs it: the commit's reply comes back
                     locked, keyed = await claims.lock_due(conn, owner, limit)
                     self._hand_over(held, taken)
                     held, commit = None, None
-        except BaseException:
+        except BaseException as error:
             if held is not None:
                 if commit is not None and claims.committed(commit):
                     self._hand_over(held, taken)  # what failed came after its commit
@@ -193,6 +202,14 @@ class Executor:
                     for run in held.going_on:
                         if isinstance(run.pending, Coroutine):
                             run.pending.close()  # its handler stops where it suspended
+            if isinstance(error, psycopg.errors.UniqueViolation) and not self._settle_checked:
+                # An output the held run's write assumed absent was there (see
+                # `claims.SETTLE_LOCKED`). Nothing was written; the next claim takes the
+                # same instances and writes with the check, so they are not stuck.
+                log.warning("a held claim found a step output already recorded (%s); "
+                            "recording outputs with a conflict check from now on", error)
+                self._settle_checked = True
+                raise HeldConflict(str(error)) from error
             raise
         assert held is not None
         self._hand_over(held, taken)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import mmap
 import os
 from bisect import bisect_left
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,6 +88,15 @@ class Folding:
         # bisect_left: a value equal to a bound belongs to that bound's bucket (`le`).
         self.counts[bisect_left(self.bounds, value)] += 1
         self.total += value
+
+    def observe_each(self, values: Iterable[float]) -> None:
+        """`observe` each of `values` (a claimed batch's lateness: one call, not one per
+        instance)."""
+        counts, bounds, total = self.counts, self.bounds, 0.0
+        for value in values:
+            counts[bisect_left(bounds, value)] += 1
+            total += value
+        self.total += total
 
     def take(self) -> Folded:
         """Hand over (and forget) what was observed since the last call."""

@@ -501,6 +501,13 @@ class Settled(NamedTuple):
 # refuse a row this transaction holds locked; were it ever to, that row would get no
 # outputs, and the writes of its run that goes on would be refused by their own fence, as
 # for any lost claim.
+#
+# The outputs are inserted without a conflict check (no ON CONFLICT): a held run starts
+# each instance at a step it has not passed; an output is only recorded by the write that
+# moves its instance past that step (this one or `FINISHED`); step ids are unique in a
+# sequence and a step index never goes back. So the row cannot be there, and the check
+# would cost a probe of the outputs' key per step, a tenth of what the server spends on a
+# one-step instance (`settle_locked` says what happens should it be there all the same).
 SETTLE_LOCKED = f"""
 WITH settled AS (
     SELECT (s->>0)::uuid AS id, (s->>1)::bigint AS epoch, (s->>2)::int AS next_index,
@@ -525,19 +532,27 @@ WITH settled AS (
 INSERT INTO step_outputs (instance_id, step_id, output, attempt)
 SELECT o.id, o.step_id, o.output, o.attempt
 FROM ({STEPS_DONE.format(document="%(outputs)s")}) AS o
-WHERE o.id IN (SELECT id FROM settling) {RECORD_OUTPUT}
+WHERE o.id IN (SELECT id FROM settling)
 """
+# The same write with the conflict check every other output write makes, for a worker
+# that once found an output already there (see `settle_locked`).
+SETTLE_LOCKED_CHECKED = SETTLE_LOCKED.rstrip() + RECORD_OUTPUT
 
 
 async def settle_locked(conn: psycopg.AsyncConnection[Any], owner: Owner,
-                        settled: Sequence[Settled], outputs: Sequence[StepDone]
-                        ) -> psycopg.AsyncCursor[Any]:
+                        settled: Sequence[Settled], outputs: Sequence[StepDone],
+                        checked: bool = False) -> psycopg.AsyncCursor[Any]:
     """Send the write of what the held run of locked instances came to (`LOCK_DUE`) and
     the COMMIT, without waiting: in pipeline mode they go with whatever is sent next (the
     next batch's `lock_due`, or a sync). Nothing is read back: rows this transaction
-    holds locked cannot change under it. Return the COMMIT's cursor (see `committed`)."""
+    holds locked cannot change under it. Return the COMMIT's cursor (see `committed`).
+
+    Should an output be there all the same (a row written by hand, a bug), the write fails
+    with `UniqueViolation` and the transaction records nothing; `checked` sends the write
+    that rewrites such a row instead, as every other output write does."""
     if settled:
-        await conn.execute(SETTLE_LOCKED, settle_params(owner, settled, outputs))
+        await conn.execute(SETTLE_LOCKED_CHECKED if checked else SETTLE_LOCKED,
+                           settle_params(owner, settled, outputs))
     return await conn.execute("COMMIT", prepare=False)
 
 
