@@ -184,7 +184,8 @@ class Executor:
             async with conn.pipeline():
                 locked, keyed = await claims.lock_due(conn, owner, limit)
                 while True:
-                    settled, outputs, going_on = self._run_held(await self._prepare(locked))
+                    settled, outputs, going_on = self._run_held(
+                        locked, *await self._look_up(locked))
                     held = Held(limit, locked, keyed, going_on)
                     limit = more(held)
                     commit = await claims.settle_locked(conn, owner, settled, outputs,
@@ -223,10 +224,12 @@ class Executor:
         self._stats.add("completed", len(held.locked) - len(held.going_on))
         taken(held)
 
-    def _run_held(self, runs: list[Run]
+    def _run_held(self, locked: list[Claimed], sequences: dict[tuple[str, int], Sequence],
+                  earlier_outputs: dict[Any, dict[str, Any]]
                   ) -> tuple[list[Settled], list[StepDone], list[Run]]:
-        """Run locked instances' steps while each returns at once; return where each
-        stopped, the outputs to record, and the runs that go on under a claim.
+        """Run locked instances' steps while each returns at once, one instance after
+        another; return where each stopped, the outputs to record, and the runs that go on
+        under a claim (the only ones that need a `Run`).
 
         A first attempt only: a handler that kills its process here leaves its row as it
         was locked, so the supervisor charges that row an attempt (`claims.LOCK_HELD`),
@@ -241,16 +244,19 @@ class Executor:
         # Each step's handler, if a first attempt at it starts here: asked once per step
         # the batch reaches (most batches reach one), not once per instance.
         here: dict[int, tuple[Handler | None] | None] = {}
-        while runs:
-            next_round = []
-            for run in runs:
-                claimed, steps, index = run.claimed, run.sequence.steps, run.index
+        for claimed in locked:
+            sequence = sequences[claimed.sequence_name, claimed.sequence_version]
+            steps = sequence.steps
+            index, attempt, delay_done = claimed.step_index, claimed.attempt, claimed.delay_done
+            earlier = earlier_outputs.get(claimed.id)  # (ours to change: loaded for this run)
+            ran_a_step = False
+            while True:
                 if index >= len(steps):
                     settled.append(Settled(claimed.id, claimed.epoch, index, True))
-                    continue
+                    break
                 step = steps[index]
                 outcome: Outcome | Awaitable[Outcome] | None = None
-                if not run.attempt and (run.delay_done or not step.delay_ms):
+                if not attempt and (delay_done or not step.delay_ms):
                     key = id(step)  # (the sequence, cached, keeps its steps alive)
                     if key not in here:
                         handler = self._registry.get(step.handler)
@@ -258,23 +264,28 @@ class Executor:
                     starts = here[key]
                     if starts is not None:
                         outcome = call_now(starts[0], step, StepContext(
-                            claimed.id, run.sequence.name, step.id, 1, claimed.input,
-                            dict(run.outputs)))
+                            claimed.id, sequence.name, step.id, 1, claimed.input,
+                            dict(earlier) if earlier else {}))
                 if isinstance(outcome, Outcome) and outcome.error is None:
-                    last = index + 1 == len(steps)
+                    index += 1
+                    last = index == len(steps)
                     outputs.append(StepDone(claimed.id, claimed.epoch, step.id, 1,
-                                            outcome.output_json or "{}", index + 1, last))
-                    if last:  # (most runs: no need to carry it further)
-                        settled.append(Settled(claimed.id, claimed.epoch, index + 1, True))
-                    else:
-                        run.advance(outcome.output)
-                        next_round.append(run)
+                                            outcome.output_json or "{}", index, last))
+                    if last:  # (most runs)
+                        settled.append(Settled(claimed.id, claimed.epoch, index, True))
+                        break
+                    if earlier is None:
+                        earlier = {}
+                    earlier[step.id] = outcome.output
+                    attempt, delay_done, ran_a_step = 0, False, True
                     continue
                 # It waits, or it failed (written under the claim, as an attempt).
-                run.pending = _ready(outcome) if isinstance(outcome, Outcome) else outcome
+                going_on.append(Run(
+                    claimed, sequence, {} if earlier is None else earlier, index, attempt,
+                    delay_done, ran_a_step,
+                    _ready(outcome) if isinstance(outcome, Outcome) else outcome))
                 settled.append(Settled(claimed.id, claimed.epoch, index, False))
-                going_on.append(run)
-            runs = next_round
+                break
         return settled, outputs, going_on
 
     async def resume(self, runs: list[Run], left: Callable[[int], None]) -> None:
@@ -283,15 +294,20 @@ class Executor:
         await self._run(runs, left)
 
     async def _prepare(self, batch: list[Claimed]) -> list[Run]:
-        resumed = [claimed.id for claimed in batch if claimed.step_index > 0]
-        outputs = await self._with_connection(claims.load_outputs, resumed) if resumed else {}
-        # One look-up per definition the batch uses (almost always one), not per instance.
-        wanted = {(claimed.sequence_name, claimed.sequence_version) for claimed in batch}
-        sequences = {key: await self._sequence(*key) for key in wanted}
+        sequences, outputs = await self._look_up(batch)
         return [Run(claimed, sequences[claimed.sequence_name, claimed.sequence_version],
                     outputs.get(claimed.id, {}), claimed.step_index, claimed.attempt,
                     claimed.delay_done)
                 for claimed in batch]
+
+    async def _look_up(self, batch: list[Claimed]
+                       ) -> tuple[dict[tuple[str, int], Sequence], dict[Any, dict[str, Any]]]:
+        """The definitions a batch runs, and the outputs of its instances' earlier steps."""
+        resumed = [claimed.id for claimed in batch if claimed.step_index > 0]
+        outputs = await self._with_connection(claims.load_outputs, resumed) if resumed else {}
+        # One look-up per definition the batch uses (almost always one), not per instance.
+        wanted = {(claimed.sequence_name, claimed.sequence_version) for claimed in batch}
+        return {key: await self._sequence(*key) for key in wanted}, outputs
 
     async def _round(self, runs: list[Run], alone: list[asyncio.Task[None]],
                      left: Callable[[int], None]) -> list[Run]:
