@@ -182,7 +182,9 @@ def _tracked_async(function: HandlerFunction, table: RunningTable) -> HandlerFun
         row = table.mark(context)
         try:
             result = await function(context, params)
-        except (Exception, asyncio.CancelledError):
+        # GeneratorExit: closed where it waited (a held claim whose write failed stops the
+        # calls that suspended in it); it no longer runs.
+        except (Exception, asyncio.CancelledError, GeneratorExit):
             table.clear(row)
             raise
         table.clear(row)

@@ -94,3 +94,24 @@ def test_abandoned_steps_are_told_apart_and_rows_are_reused() -> None:
         assert [step.instance_id for step in table.steps()] == [DIES]
     finally:
         table.close()
+
+
+def test_a_coroutine_closed_where_it_waited_clears_its_row() -> None:
+    # A held claim whose write fails closes the handlers that suspended in it: they did
+    # not finish, but they no longer run, and their rows must not stay marked.
+    table = RunningTable.create(2)
+    try:
+        registry = tracked(handlers(), table)
+
+        async def suspend_then_close() -> list[RunningStep]:
+            call = registry.get("waits").function(  # type: ignore[union-attr]
+                context(CANCELLED), {})
+            call.send(None)  # started as the executor starts it; suspends on its sleep
+            marked = table.steps()
+            call.close()
+            return marked
+
+        assert [step.instance_id for step in asyncio.run(suspend_then_close())] == [CANCELLED]
+        assert table.steps() == []
+    finally:
+        table.close()
