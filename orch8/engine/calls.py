@@ -70,9 +70,7 @@ class Caller:
             outcome = _failure(step, error)
         else:
             return self._finish(step, _resume(coroutine, suspended_on, variables), started)
-        # `_observe`, inline: this is once per step that returns at once, most steps.
-        self._steps_executed()
-        self._step_seconds(perf_counter() - started)
+        self._observe(started)
         return outcome
 
     async def call(self, handler: Handler | None, step: Step, context: StepContext,
