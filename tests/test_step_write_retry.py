@@ -121,3 +121,47 @@ def test_a_write_rolled_back_to_break_a_deadlock_goes_again_claim_and_all(
     assert rows == {held[0].id: "completed", held[1].id: "completed",
                     refilled.claimed[0].id: "running"}
     assert sorted(outputs) == sorted((c.id, {"n": 1}) for c in held)
+
+
+def test_an_outcome_refused_after_its_caller_was_cancelled_is_still_reported(
+        dsn: str, caplog: pytest.LogCaptureFixture) -> None:
+    # A worker told to stop now cancels the run waiting on its write; the write goes on,
+    # and if the fence refuses it, the committer (not the gone caller) says so.
+    owner = Owner("node-c", uuid.uuid4(), 0)
+    with Client(dsn) as client:
+        client.create_sequence("one", [{"id": "only", "handler": "noop"}])
+        client.start("one")
+    refused_counts: list[int] = []
+
+    async def cancelled_while_refused() -> None:
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            [claimed] = await claims.claim(conn, owner, 1)
+        done = StepDone(claimed.id, claimed.epoch, "only", 1, "{}", 1, True)
+        async with AsyncConnectionPool(dsn, min_size=1, max_size=2, open=False,
+                                       kwargs={"autocommit": True}) as pool, \
+                await psycopg.AsyncConnection.connect(dsn) as sweep, \
+                await psycopg.AsyncConnection.connect(dsn, autocommit=True) as probe:
+            committer = StepCommitter(pool, _Refill(owner, 0), 0,
+                                      on_refused=refused_counts.append)
+            running = asyncio.create_task(committer.run())
+            # Another node's sweep takes the claim away; its transaction holds the row.
+            await sweep.execute("UPDATE instances SET claim_epoch = claim_epoch + 1, "
+                                "state = 'scheduled' WHERE id = %s", (claimed.id,))
+            caller = asyncio.create_task(committer.finish_many([done]))
+            while not (await (await probe.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND datname = current_database()")).fetchone())[0]:  # type: ignore[index]
+                await asyncio.sleep(0.01)
+            caller.cancel()
+            await sweep.commit()
+            await committer.flush()
+            running.cancel()
+        assert caller.cancelled()
+
+    with caplog.at_level(logging.WARNING, logger="orch8.engine.committer"):
+        asyncio.run(cancelled_while_refused())
+    assert refused_counts == [1]
+    assert any("claim lost before step only was recorded" in r.message
+               for r in caplog.records), caplog.text
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("SELECT count(*) FROM step_outputs").fetchone() == (0,)

@@ -281,6 +281,12 @@ def test_frozen_node_late_writes_are_fenced(cluster: Cluster, db: str) -> None:
         wait_until(lambda: all(query(db, "SELECT claimed_by = 'node-b' FROM instances "
                                          "WHERE id = %(id)s", {"id": i})[0][0] for i in frozen),
                    20, "node-b to take over node-a's instances")
+        # By the database's clock, node-a's handlers (3 s) have returned: it resumes with
+        # outcomes to write, not with calls that its restart would cut short.
+        wait_until(lambda: query(db, "SELECT clock_timestamp() > max(started_at) + "
+                                     "interval '3.1 seconds' FROM test_executions "
+                                     "WHERE node_id = 'node-a'")[0][0],
+                   10, "node-a's frozen handlers to have run their time")
     finally:
         a.signal_group(signal.SIGCONT)
     wait_until(lambda: all_completed(db, 4), 60, "every instance to complete")

@@ -29,7 +29,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from orch8.engine.backoff import backoff_ms
 from orch8.engine.calls import Caller, Outcome
-from orch8.engine.committer import StepCommitter
+from orch8.engine.committer import StepCommitter, report_lost
 from orch8.engine.limits import LimitWatch
 from orch8.engine.stats import WorkerStats
 from orch8.handlers.context import StepContext
@@ -368,7 +368,7 @@ class Executor:
         going_on, completed = [], 0
         for run, outcome in succeeded:
             if refused and run.claimed.id in refused:
-                self._lost(run, run.step)
+                report_lost(run.claimed.id, run.step.id)  # counted by the committer
                 continue
             run.advance(outcome.output)
             if run.finished:
@@ -403,7 +403,7 @@ class Executor:
                 await self._record_failure(run.claimed, step, run.attempt + 1, outcome)
                 break
             if await self._finish_steps([run.done(outcome)]):
-                self._lost(run, step)
+                report_lost(run.claimed.id, step.id)
                 break
             run.advance(outcome.output)
         else:
@@ -476,11 +476,6 @@ class Executor:
         if tries > 1 and refused:
             refused = refused - await self._recorded([d for d in done if d.id in refused])
         return refused
-
-    def _lost(self, run: Run, step: Step) -> None:
-        # Counted by the committer, which sees even a cancelled caller's refused outcome.
-        log.warning("instance %s: claim lost before step %s was recorded; dropped",
-                    run.claimed.id, step.id)
 
     async def _release(self, runs: list[Run]) -> None:
         """Give back instances a drain stopped between steps (fenced, one statement)."""
