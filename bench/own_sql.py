@@ -4,8 +4,8 @@ themselves, with no engine around them.
 Each process sends what a worker sends while a backlog of steps that return at once
 lasts: batch after batch, a held claim (`claims.LOCK_DUE`) and, in the same transaction,
 the write that completes every instance's one step with output `{}`
-(`claims.SETTLE_LOCKED`), pipelined as a worker sends them (the write, its commit and the
-next batch's lock in one round trip), with plain
+(`claims.SETTLE_LOCKED`), pipelined as a worker sends them (the write, its commit, which
+begins the next transaction, and the next batch's lock in one round trip), with plain
 psycopg (no pool, no asyncio, no handler, no supervisor). Between the raw loop and a real
 node it splits the gap in two: the raw loop / this loop is the price of orch8's schema and
 statements, this loop / the node the price of the engine (handlers, executor, asyncio,
@@ -56,10 +56,11 @@ def loop(signals: Signals, slot: int, dsn: str, batch: int) -> None:
                         if settled:
                             conn.execute(claims.SETTLE_LOCKED,
                                          claims.settle_params(owner, settled, outputs))
-                        commit = conn.execute("COMMIT")
-                        if len(rows) < batch or signals.stop.is_set():
+                        chain = len(rows) == batch and not signals.stop.is_set()
+                        # Chained, the commit begins the next transaction (as a worker's).
+                        commit = conn.execute("COMMIT AND CHAIN" if chain else "COMMIT")
+                        if not chain:
                             break  # leaving the pipeline syncs it
-                        conn.execute("BEGIN")
                         following = conn.execute(lock, params).fetchall()
                         signals.count(len(rows))  # its commit was answered before the rows
                         rows, commit = following, None

@@ -189,10 +189,10 @@ class Executor:
                     held = Held(limit, locked, keyed, going_on)
                     limit = more(held)
                     commit = await claims.settle_locked(conn, owner, settled, outputs,
-                                                        self._settle_checked)
+                                                        self._settle_checked, chain=bool(limit))
                     if not limit:
                         break  # leaving the pipeline syncs it: the commit's reply comes back
-                    locked, keyed = await claims.lock_due(conn, owner, limit)
+                    locked, keyed = await claims.lock_due(conn, owner, limit, begun=True)
                     self._hand_over(held, taken)
                     held, commit = None, None
         except BaseException as error:

@@ -473,13 +473,15 @@ SELECT * FROM (
 """
 
 
-async def lock_due(conn: psycopg.AsyncConnection[Any], owner: Owner,
-                   limit: int) -> tuple[list[Claimed], int]:
-    """Begin a transaction on `conn` (in pipeline mode) and lock up to `limit` due
-    instances in it, in claim order; return the unkeyed ones and how many keyed ones were
-    among them. What was queued before it on `conn` is answered first, in order: a
-    commit queued by `settle_locked` is confirmed by the time this returns."""
-    await conn.execute("BEGIN", prepare=False)
+async def lock_due(conn: psycopg.AsyncConnection[Any], owner: Owner, limit: int,
+                   begun: bool = False) -> tuple[list[Claimed], int]:
+    """Begin a transaction on `conn` (in pipeline mode), unless `begun` (a chained commit
+    queued by `settle_locked` began it), and lock up to `limit` due instances in it, in
+    claim order; return the unkeyed ones and how many keyed ones were among them. What
+    was queued before it on `conn` is answered first, in order: a commit queued by
+    `settle_locked` is confirmed by the time this returns."""
+    if not begun:
+        await conn.execute("BEGIN", prepare=False)
     cursor = await conn.execute(bounded(LOCK_DUE, limit), claim_params(owner, limit))
     rows = await cursor.fetchall()
     locked = [_claimed(row) for row in rows if not row[-1]]
@@ -541,11 +543,17 @@ SETTLE_LOCKED_CHECKED = SETTLE_LOCKED.rstrip() + RECORD_OUTPUT
 
 async def settle_locked(conn: psycopg.AsyncConnection[Any], owner: Owner,
                         settled: Sequence[Settled], outputs: Sequence[StepDone],
-                        checked: bool = False) -> psycopg.AsyncCursor[Any]:
+                        checked: bool = False, chain: bool = False
+                        ) -> psycopg.AsyncCursor[Any]:
     """Send the write of what the held run of locked instances came to (`LOCK_DUE`) and
     the COMMIT, without waiting: in pipeline mode they go with whatever is sent next (the
     next batch's `lock_due`, or a sync). Nothing is read back: rows this transaction
     holds locked cannot change under it. Return the COMMIT's cursor (see `committed`).
+
+    With `chain`, the commit begins the next held claim's transaction as well (`COMMIT
+    AND CHAIN`; then `lock_due(..., begun=True)`): one statement fewer per batch while a
+    backlog lasts, each of which costs the worker a pass through psycopg's pipeline and
+    the event loop, and a write to the server's socket.
 
     Should an output be there all the same (a row written by hand, a bug), the write fails
     with `UniqueViolation` and the transaction records nothing; `checked` sends the write
@@ -553,7 +561,7 @@ async def settle_locked(conn: psycopg.AsyncConnection[Any], owner: Owner,
     if settled:
         await conn.execute(SETTLE_LOCKED_CHECKED if checked else SETTLE_LOCKED,
                            settle_params(owner, settled, outputs))
-    return await conn.execute("COMMIT", prepare=False)
+    return await conn.execute("COMMIT AND CHAIN" if chain else "COMMIT", prepare=False)
 
 
 def committed(commit: psycopg.AsyncCursor[Any] | psycopg.Cursor[Any]) -> bool:
