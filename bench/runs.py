@@ -108,7 +108,7 @@ def interleave(run: Run, cases: Sequence[Case]) -> None:
     """Each repetition measures every case once; every other repetition in reverse order
     (A B C, C B A, A B C, ...), so that no case always runs in the same place in the
     sequence. Place mattered here: in two series of A/B node drains (8 pairs each, the
-    order alternating), the second drain of a pair was the faster in 13 of 16, by about
+    order alternating), the second drain of a pair was the faster in 14 of 16, by about
     10 %, whichever system it was. With the same order in every repetition, the first
     case (orch8's defaults) would always have paid that."""
     for rep in range(run.reps):
