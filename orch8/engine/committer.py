@@ -6,12 +6,11 @@ has gathered since its last write, so under load each statement carries many rou
 outcomes, and when idle an outcome waits at most `linger_s`. One waiter per round, not
 per instance: the cost per instance is an entry in a list.
 
-The committer counts the outcomes the fence refused itself, rather than its callers: a
-caller cancelled while its outcome waits (a worker told to stop now) is gone, but the
-outcome is still written, and whether it applied is still counted (and, if refused,
-logged by `report_lost` as its caller would have). A stopping worker calls `flush()`
-before it gives its claims back, so a finished step is recorded rather than run a second
-time elsewhere.
+The committer counts and logs the outcomes the fence refused itself, rather than its
+callers: a caller cancelled while its outcome waits (a worker told to stop now) is gone,
+but the outcome is still written, and whether it applied is still counted and, if
+refused, logged. A stopping worker calls `flush()` before it gives its claims back, so a
+finished step is recorded rather than run a second time elsewhere.
 
 Through its `Refill` (the worker), a write may also claim the worker's next batch in the same
 statement (`claims.FINISH_AND_CLAIM`): while a backlog lasts, a batch then costs one round
@@ -48,12 +47,6 @@ WRITERS = 2
 # Times a write that PostgreSQL rolled back whole (`claims.rolled_back`) is sent again at
 # once, before it fails like any other write.
 RESENDS = 3
-
-
-def report_lost(instance_id: uuid.UUID, step_id: str) -> None:
-    """The one line a step outcome refused by the fence leaves in the log."""
-    log.warning("instance %s: claim lost before step %s was recorded; dropped",
-                instance_id, step_id)
 
 
 class Refill(Protocol):
@@ -170,15 +163,18 @@ class StepCommitter:
         self._answer(batch, refused)
 
     def _answer(self, batch: list[Entry], refused: set[uuid.UUID]) -> None:
-        """Tell each caller which of its outcomes the fence refused, and count them."""
+        """Tell each caller which of its outcomes the fence refused; count and log those
+        here, whether or not their caller is still there to hear."""
         for entries, future in batch:
-            if future.cancelled():  # its caller is gone: say here what it would have
+            lost: set[uuid.UUID] = set()
+            if refused:  # (almost never: no pass over the entries otherwise)
                 for d in entries:
                     if d.id in refused:
-                        report_lost(d.id, d.step_id)
-            elif not future.done():
-                future.set_result({d.id for d in entries if d.id in refused}
-                                  if refused else set())
+                        lost.add(d.id)
+                        log.warning("instance %s: claim lost before step %s was recorded; "
+                                    "dropped", d.id, d.step_id)
+            if not future.done():  # (a cancelled caller's is done)
+                future.set_result(lost)
         if refused and self._on_refused is not None:
             self._on_refused(len(refused))
 

@@ -29,7 +29,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from orch8.engine.backoff import backoff_ms
 from orch8.engine.calls import Caller, Outcome
-from orch8.engine.committer import StepCommitter, report_lost
+from orch8.engine.committer import StepCommitter
 from orch8.engine.limits import LimitWatch
 from orch8.engine.stats import WorkerStats
 from orch8.handlers.context import StepContext
@@ -368,8 +368,7 @@ class Executor:
         going_on, completed = [], 0
         for run, outcome in succeeded:
             if refused and run.claimed.id in refused:
-                report_lost(run.claimed.id, run.step.id)  # counted by the committer
-                continue
+                continue  # (counted and logged by the committer)
             run.advance(outcome.output)
             if run.finished:
                 completed += 1
@@ -403,8 +402,7 @@ class Executor:
                 await self._record_failure(run.claimed, step, run.attempt + 1, outcome)
                 break
             if await self._finish_steps([run.done(outcome)]):
-                report_lost(run.claimed.id, step.id)
-                break
+                break  # its claim was lost (counted and logged by the committer)
             run.advance(outcome.output)
         else:
             self._stats.add("completed")
