@@ -194,7 +194,7 @@ class Supervisor:
             await self.pool.open(wait=True, timeout=30)
             log.info("node %s registered (incarnation %s, %d workers)", self.node_id,
                      self.incarnation, len(self._slots))
-            self._context = worker_context()
+            self._context, self._worker_environ = worker_context()
             background = self._start_background()
             self._set_phase(Phase.ACTIVE)
             await self._main_loop()
@@ -348,7 +348,7 @@ class Supervisor:
     def _spawn(self, slot: WorkerSlot) -> None:
         start = WorkerStart(self.settings, self.dsn, self.node_id, self.incarnation,
                             slot.number, supervisor_pid=os.getpid(),
-                            metrics_dir=self.metrics_dir)
+                            metrics_dir=self.metrics_dir, environ=self._worker_environ)
         slot.spawn(self._context, start)
         loop = asyncio.get_running_loop()
         assert slot.process is not None and slot.pipe is not None

@@ -35,6 +35,9 @@ from supervisor.running import RunningTable, tracked
 
 log = logging.getLogger("orch8.supervisor.worker")
 
+# Environment variables and the values a worker sets them to (None: unset).
+Environ = tuple[tuple[str, str | None], ...]
+
 # Reserved exit code: the worker could not boot; the supervisor stops instead of respawning.
 BOOT_FAILED_EXIT = 3
 REPORT_INTERVAL_S = 0.5
@@ -52,6 +55,9 @@ class WorkerStart:
     supervisor_pid: int
     # The node's metrics directory: every count is written through to a file in it.
     metrics_dir: str
+    # Environment variables set for the forkserver's sake, with the node's own values to
+    # put back (`supervisor.slots.worker_context`; None: unset).
+    environ: Environ = ()
 
     @property
     def title(self) -> str:
@@ -98,6 +104,12 @@ def _set_up_process(start: WorkerStart) -> None:
     import setproctitle
 
     setproctitle.setproctitle(start.title)
+    # A handler, and whatever it starts, sees the node's environment, not the forkserver's.
+    for name, value in start.environ:
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
     os.environ[METRICS_DIR_VARIABLE] = start.metrics_dir
     # A hung worker gets SIGABRT from the supervisor: print every thread's stack first.
     faulthandler.enable()

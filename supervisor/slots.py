@@ -8,10 +8,12 @@ it last heard from it (to find a hung one), and how often it failed (for restart
 
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing
 import os
 import signal
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field, replace
@@ -20,7 +22,7 @@ from multiprocessing.context import ForkServerContext, SpawnContext
 from multiprocessing.process import BaseProcess
 
 from orch8.api.node import WorkerReport
-from supervisor.child import BOOT_FAILED_EXIT, WorkerStart, run_worker
+from supervisor.child import BOOT_FAILED_EXIT, Environ, WorkerStart, run_worker
 from supervisor.protocol import Message, encode
 from supervisor.running import RunningStep, RunningTable, table_rows
 
@@ -34,8 +36,13 @@ BACKOFF_MAX_S = 30.0
 HEALTHY_AFTER_S = 30.0
 
 
-def worker_context() -> ForkServerContext | SpawnContext:
-    """A start method that is safe while the supervisor runs threads and an event loop.
+# What `_import_as_here` sets in the environment the forkserver starts from.
+IMPORT_PATH_VARIABLES = ("PYTHONPATH", "PYTHONSAFEPATH")
+
+
+def worker_context() -> tuple[ForkServerContext | SpawnContext, Environ]:
+    """A start method that is safe while the supervisor runs threads and an event loop,
+    and the environment variables its workers must put back (`WorkerStart.environ`).
 
     Plain fork would copy a locked mutex or a half-used connection into the child. The
     forkserver forks from a clean, single-threaded server that has already imported the
@@ -44,8 +51,29 @@ def worker_context() -> ForkServerContext | SpawnContext:
     if "forkserver" in multiprocessing.get_all_start_methods():
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(["supervisor.child"])
-        return context
-    return multiprocessing.get_context("spawn")
+        return context, _import_as_here()
+    return multiprocessing.get_context("spawn"), ()
+
+
+@functools.cache  # (once: a second call would take our own values for the node's)
+def _import_as_here() -> Environ:
+    """Have the forkserver import the engine from where this process imported it; return
+    the variables' values before, for the workers to put back.
+
+    The forkserver is a fresh `python -c`, so its `sys.path` starts with the working
+    directory, and Pythons before 3.12.8 and 3.13.1 preload with that path instead of
+    the supervisor's (CPython gh-117378). A working directory holding a `supervisor` or an
+    `orch8` of its own (a checkout of another version, a script named `orch8.py`) would
+    then have the workers run that code under this supervisor. So the forkserver starts
+    with this process's `sys.path` as its PYTHONPATH and without the working directory in
+    front (PYTHONSAFEPATH). They are set in this process's environment, which the
+    forkserver inherits, and so does a forkserver started again after it died.
+    (Redundant where Python passes the path itself, and harmless.)
+    """
+    before = tuple((name, os.environ.get(name)) for name in IMPORT_PATH_VARIABLES)
+    os.environ["PYTHONPATH"] = os.pathsep.join(entry or os.getcwd() for entry in sys.path)
+    os.environ["PYTHONSAFEPATH"] = "1"
+    return before
 
 
 @dataclass

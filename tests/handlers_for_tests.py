@@ -94,3 +94,9 @@ async def block_loop(ctx: StepContext, params: dict[str, Any]) -> dict[str, Any]
     """Hang the worker: block its event loop (no reports reach the supervisor)."""
     time.sleep(params.get("s", 30))
     return {}
+
+
+@handler("environment")
+async def environment(ctx: StepContext, params: dict[str, Any]) -> dict[str, Any]:
+    """The environment variables named in `params.names`, as this worker sees them."""
+    return {name: os.environ.get(name) for name in params["names"]}

@@ -167,14 +167,18 @@ class Cluster:
         return env
 
     def start(self, node_id: str, wait_ready: bool = True, args: tuple[str, ...] = (),
-              **extra: str) -> Node:
+              cwd: Path | None = None, **extra: str) -> Node:
+        """Start a node (from the repository, or with the installed `orch8-supervisor`
+        from `cwd`, as an operator runs it from a directory of theirs)."""
         port = free_port()
         log_path = self.log_dir / f"{node_id}.log"
+        command = ([str(Path(sys.executable).with_name("orch8-supervisor"))] if cwd
+                   else [sys.executable, "-m", "supervisor.main"])
         with log_path.open("wb") as log:
             process = subprocess.Popen(
-                [sys.executable, "-m", "supervisor.main", *args],
+                [*command, *args],
                 env=self.environment(node_id, port, extra), stdout=log,
-                stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO_DIR)
+                stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd or REPO_DIR)
         node = Node(node_id, port, process, log_path)
         self.nodes.append(node)
         if wait_ready:

@@ -339,6 +339,31 @@ def test_systemd_is_told_when_ready_and_when_stopping(cluster: Cluster, db: str,
         assert node.wait_exit(20) == 0
 
 
+def test_workers_run_the_supervisors_code_whatever_the_directory_it_starts_from(
+        cluster: Cluster, db: str, tmp_path: Path) -> None:
+    """A node started from a directory that holds a `supervisor` package of its own (a
+    checkout of another version, say) runs the installed code in its workers too, and its
+    handlers see the node's environment. The workers' forkserver used to import from the
+    working directory first (CPython gh-117378): it took this decoy, and no worker came up."""
+    here = tmp_path / "operator"
+    decoy = here / "supervisor"
+    decoy.mkdir(parents=True)
+    imported = tmp_path / "decoy-imported"
+    (decoy / "__init__.py").write_text("")
+    (decoy / "child.py").write_text(f"open({str(imported)!r}, 'w').close()\n")
+    node = cluster.start("node-a", cwd=here)  # waits until every worker has booted
+    names = ["PYTHONPATH", "PYTHONSAFEPATH"]
+    with Client(db) as client:
+        client.create_sequence("env", [{"id": "only", "handler": "environment",
+                                        "params": {"names": names}}])
+        instance = client.start("env")
+        assert client.wait(instance.id, timeout_s=30).state == "completed"
+        seen = client.get(instance.id).outputs["only"]
+    given = cluster.environment("node-a", node.port, {})
+    assert seen == {name: given.get(name) for name in names}
+    assert not imported.exists()
+
+
 def test_workers_exit_when_the_supervisor_dies(cluster: Cluster, db: str) -> None:
     node = cluster.start("node-a")
     # Its own workers, by ancestry: an earlier test's orphaned worker may still be exiting
