@@ -1,15 +1,19 @@
 """Where a drain's CPU goes: PostgreSQL, the workers and the supervisor, per instance.
 
     python bench/cpu_split.py [--instances 30000] [--runs 3] [--batch 100/100 ...]
-                              [--variant NAME=SQL ...]
+                              [--variant NAME=SQL ...] [--tree NAME=DIR ...]
 
 Drains a backlog of one-step `noop` instances with a real `orch8-supervisor --workers 2`
 (as `python -m bench` does) and reads the CPU time the processes' own counters give:
 every PostgreSQL process (the postmaster's live children plus those it has reaped), the
 worker processes and the supervisor, before the backlog is released and once it has
 drained. `--variant` runs SQL on each scratch database before its drain, e.g. to put back
-indexes a migration dropped; the variants and batch settings alternate within each run
-(A B A B ...). `--raw` adds the minimal raw loop (`bench/raw.py`, 2 processes, the first
+indexes a migration dropped. `--tree` also drains nodes running the code of another
+source tree (a `git worktree` of an earlier commit, say; started from that directory, on
+a database its own migrations built, the backlog written by this tree's client), with
+each rate as a ratio to this tree's in the same run: an A/B of two commits. Batch
+settings, variants and trees alternate within each run, every other run in reverse order
+(A B C, C B A, ...). `--raw` adds the minimal raw loop (`bench/raw.py`, 2 processes, the first
 batch size) to each run, and each configuration's rate as a ratio to the raw loop's in
 that run: with a long drain, the steady state that a 5,000-instance drain on a node
 just started only nears (the raw loop's CPU is not split). `--own-sql` adds orch8's own
@@ -24,6 +28,8 @@ last line is one JSON object.
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -71,9 +77,9 @@ def cpu_seconds(server: psutil.Process) -> dict[str, float]:
 
 
 def drain(dsn: str, server: psutil.Process, settings: NodeSettings,
-          count: int) -> dict[str, float]:
+          count: int, root: Path = engine.ROOT) -> dict[str, float]:
     sequence = engine.new_sequence(dsn)
-    with engine.started(dsn, settings) as booting:
+    with engine.started(dsn, settings, root=root) as booting:
         backlog = engine.Backlog(dsn, sequence, count)
         engine.ready(booting)
         before = cpu_seconds(server)
@@ -83,6 +89,18 @@ def drain(dsn: str, server: psutil.Process, settings: NodeSettings,
     _check(figure, "the drain")
     used = {group: (after[group] - before[group]) * 1e6 / count for group in after}
     return {"per_s": figure.per_s, **{f"{group}_us": value for group, value in used.items()}}
+
+
+def migrate_with(root: Path, dsn: str) -> None:
+    """Build the schema with the migrations of the source tree `root`, its own code."""
+    environ = {key: value for key, value in os.environ.items()
+               if not key.startswith("ORCH8_")} | {"PYTHONPATH": str(root)}
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys; from orch8.migrate import migrate; "
+         "migrate(sys.argv[1])", dsn], cwd=root, env=environ, capture_output=True, text=True)
+    if result.returncode:
+        lines = result.stderr.strip().splitlines() or ["no output"]
+        raise SystemExit(f"cpu_split: migrating with {root} failed: {lines[-1]}")
 
 
 def raw_drain(dsn: str, batch: int, count: int) -> dict[str, float]:
@@ -121,6 +139,41 @@ def _record(found: dict[str, list[dict[str, float]]], run: int, label: str,
     print(f"run {run + 1}: {label}: {shown}", flush=True)
 
 
+Case = tuple[tuple[int, ...], str, str | None]  # (batch, in flight), variant, tree
+
+
+def _drain_nodes(server: Server, pid: psutil.Process, run: int, cases: list[Case],
+                 variants: dict[str, str], trees: dict[str | None, Path], count: int,
+                 versus: dict[str, float | None],
+                 found: dict[str, list[dict[str, float]]]) -> None:
+    """One run's node drains, in the order given; each rate also as a ratio to the rates
+    in `versus` (the raw loop's, orch8's statements'), and another tree's to this one's."""
+    this_tree: dict[tuple[tuple[int, ...], str], float] = {}
+    later: list[tuple[str, dict[str, float], tuple[tuple[int, ...], str]]] = []
+    for (batch, in_flight), name, tree in cases:
+        with server.database(migrated=tree is None) as dsn:
+            if tree is not None:
+                migrate_with(trees[tree], dsn)
+            if variants[name]:
+                with psycopg.connect(dsn, autocommit=True) as conn:
+                    conn.execute(variants[name])
+            figures = drain(dsn, pid, NodeSettings(
+                workers=2, batch_size=batch, max_in_flight=in_flight), count, trees[tree])
+        for key, rate in versus.items():
+            if rate:
+                figures[key] = figures["per_s"] / rate
+        label = f"{name}, batch {batch}/{in_flight}"
+        if tree is None:
+            this_tree[(batch, in_flight), name] = figures["per_s"]
+            _record(found, run, label, figures)
+        else:
+            later.append((f"{tree}: {label}", figures, ((batch, in_flight), name)))
+    # (Recorded once this tree's rate for the same settings is known.)
+    for label, figures, key in later:
+        figures["vs_this_tree"] = figures["per_s"] / this_tree[key]
+        _record(found, run, label, figures)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--instances", type=int, default=30_000)
@@ -130,6 +183,8 @@ def main() -> None:
                         help="batch size / max in flight, one or more (default: orch8's)")
     parser.add_argument("--variant", action="append", default=[],
                         help="NAME=SQL run on the scratch database before its drain")
+    parser.add_argument("--tree", action="append", default=[],
+                        help="NAME=DIR: also drain nodes running the code in DIR")
     parser.add_argument("--raw", action="store_true",
                         help="also the raw loop, and every rate as a ratio to its own")
     parser.add_argument("--own-sql", action="store_true",
@@ -137,6 +192,14 @@ def main() -> None:
     args = parser.parse_args()
     variants = {"as migrated": ""} | dict(v.split("=", 1) for v in args.variant)
     batches = [tuple(int(n) for n in text.split("/")) for text in args.batch]
+    trees: dict[str | None, Path] = {None: engine.ROOT}
+    for text in args.tree:
+        name, _, directory = text.partition("=")
+        if not (Path(directory) / "supervisor").is_dir():
+            parser.error(f"--tree {text}: no orch8 source tree in {directory!r}")
+        trees[name] = Path(directory).resolve()
+    cases: list[Case] = [(batch, variant, tree) for batch in batches
+                         for variant in variants for tree in trees]
     server = Server.open(DATA_DIR)
     found: dict[str, list[dict[str, float]]] = {}
     try:
@@ -156,19 +219,9 @@ def main() -> None:
                 own_per_s = figures["per_s"]
                 _record(found, run, f"orch8's statements alone, batch {batches[0][0]}, "
                         "2 processes", figures)
-            for batch, in_flight in batches:
-                for name, sql in variants.items():
-                    with server.database() as dsn:
-                        if sql:
-                            with psycopg.connect(dsn, autocommit=True) as conn:
-                                conn.execute(sql)
-                        figures = drain(dsn, pid, NodeSettings(
-                            workers=2, batch_size=batch, max_in_flight=in_flight), args.instances)
-                        if raw_per_s:
-                            figures["vs_raw"] = figures["per_s"] / raw_per_s
-                        if own_per_s:
-                            figures["vs_own_sql"] = figures["per_s"] / own_per_s
-                        _record(found, run, f"{name}, batch {batch}/{in_flight}", figures)
+            _drain_nodes(server, pid, run, cases[::-1] if run % 2 else cases, variants,
+                         trees, args.instances, {"vs_raw": raw_per_s, "vs_own_sql": own_per_s},
+                         found)
     finally:
         server.close()
     print(orjson.dumps(summarised(found)).decode())

@@ -88,9 +88,10 @@ class NodeSettings:
 
 
 class Node:
-    """One real `orch8-supervisor` on `dsn`, with the bench's handlers loaded."""
+    """One real `orch8-supervisor` on `dsn`, with the bench's handlers loaded, running the
+    code of the source tree `root` (this one unless told), started from that directory."""
 
-    def __init__(self, dsn: str, settings: NodeSettings) -> None:
+    def __init__(self, dsn: str, settings: NodeSettings, root: Path = ROOT) -> None:
         self.dsn = dsn
         self.settings = settings
         self.url = f"http://127.0.0.1:{free_port()}"
@@ -99,11 +100,14 @@ class Node:
                    if not key.startswith("ORCH8_")}
         environ.update(DATABASE_URL=dsn, ORCH8_LOG_LEVEL="WARNING",
                        ORCH8_HANDLERS="bench.handlers",
-                       PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT),
+                       PYTHONPATH=os.pathsep.join(filter(None, [str(root),
                                                                 os.environ.get("PYTHONPATH")])))
         self._process = subprocess.Popen(
             [SUPERVISOR, *settings.arguments(), "--bind", self.url.removeprefix("http://")],
-            env=environ, stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log)
+            env=environ, stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log,
+            # (A tree from before the supervisor passed its import path to its workers'
+            # forkserver has them import from the working directory.)
+            cwd=root)
 
     def wait_ready(self, timeout_s: float = 180) -> None:
         """Until `/health/ready` answers 200 (every worker up); a node that exits is an error."""
@@ -139,13 +143,15 @@ class Node:
 
 
 @contextmanager
-def started(dsn: str, settings: NodeSettings, count: int = 1) -> Iterator[list[Node]]:
-    """`count` nodes on `dsn`, started now and stopped on exit. They boot while the caller
-    goes on (inserting a backlog, say); `ready(nodes)` waits for them."""
+def started(dsn: str, settings: NodeSettings, count: int = 1,
+            root: Path = ROOT) -> Iterator[list[Node]]:
+    """`count` nodes on `dsn` (of the source tree `root`), started now and stopped on
+    exit. They boot while the caller goes on (inserting a backlog, say); `ready(nodes)`
+    waits for them."""
     with ExitStack() as stack:
         nodes = []
         for _ in range(count):
-            nodes.append(Node(dsn, settings))
+            nodes.append(Node(dsn, settings, root))
             stack.callback(nodes[-1].stop)
         yield nodes
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -68,3 +69,30 @@ def test_cpu_split_drains_beside_the_raw_loop_and_orch8s_statements_and_gives_ra
                                             / statements["per_s"]["median"])
     assert node["workers_us"]["median"] > 0 and node["postgres_us"]["median"] > 0
     assert statements["postgres_us"]["median"] > 0
+
+
+def test_cpu_split_drains_a_node_of_another_tree_with_that_trees_own_code(
+        server_dsn: str, tmp_path: Path) -> None:
+    """`--tree`: the other tree's node runs its own code, workers included (they once
+    imported from the working directory instead), and its rate comes as a ratio to this
+    tree's. The other tree is a copy of this one whose workers leave a mark as they start."""
+    tree = tmp_path / "tree"
+    for part in ("orch8", "supervisor", "migrations", "bench"):
+        shutil.copytree(ROOT / part, tree / part,
+                        ignore=shutil.ignore_patterns("results", "__pycache__"))
+    marks = tmp_path / "marks"
+    child = tree / "supervisor" / "child.py"
+    source = child.read_text()
+    started = "    _set_up_process(start)\n"
+    assert source.count(started) == 1
+    child.write_text(source.replace(started, started + (
+        f"    with open({str(marks)!r}, 'a') as marks:\n"
+        "        marks.write(f'{os.getpid()}\\n')\n")))
+    summary = run_tool(server_dsn, "bench/cpu_split.py", "--runs", "1", "--instances", "3000",
+                       "--tree", f"copy={tree}")
+    ours, theirs = "as migrated, batch 100/100", "copy: as migrated, batch 100/100"
+    assert list(summary) == [ours, theirs]
+    assert summary[theirs]["vs_this_tree"]["median"] == (summary[theirs]["per_s"]["median"]
+                                                         / summary[ours]["per_s"]["median"])
+    # Two workers of the copy's node, none of this tree's.
+    assert len(marks.read_text().split()) == 2
