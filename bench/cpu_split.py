@@ -139,10 +139,11 @@ def _record(found: dict[str, list[dict[str, float]]], run: int, label: str,
     print(f"run {run + 1}: {label}: {shown}", flush=True)
 
 
-Case = tuple[tuple[int, ...], str, str | None]  # (batch, in flight), variant, tree
+# One node configuration of a run: (batch size, max in flight), variant, tree (None: this).
+Setup = tuple[tuple[int, ...], str, str | None]
 
 
-def _drain_nodes(server: Server, pid: psutil.Process, run: int, cases: list[Case],
+def _drain_nodes(server: Server, pid: psutil.Process, run: int, setups: list[Setup],
                  variants: dict[str, str], trees: dict[str | None, Path], count: int,
                  versus: dict[str, float | None],
                  found: dict[str, list[dict[str, float]]]) -> None:
@@ -150,7 +151,7 @@ def _drain_nodes(server: Server, pid: psutil.Process, run: int, cases: list[Case
     in `versus` (the raw loop's, orch8's statements'), and another tree's to this one's."""
     this_tree: dict[tuple[tuple[int, ...], str], float] = {}
     later: list[tuple[str, dict[str, float], tuple[tuple[int, ...], str]]] = []
-    for (batch, in_flight), name, tree in cases:
+    for (batch, in_flight), name, tree in setups:
         with server.database(migrated=tree is None) as dsn:
             if tree is not None:
                 migrate_with(trees[tree], dsn)
@@ -198,8 +199,8 @@ def main() -> None:
         if not (Path(directory) / "supervisor").is_dir():
             parser.error(f"--tree {text}: no orch8 source tree in {directory!r}")
         trees[name] = Path(directory).resolve()
-    cases: list[Case] = [(batch, variant, tree) for batch in batches
-                         for variant in variants for tree in trees]
+    setups: list[Setup] = [(batch, variant, tree) for batch in batches
+                           for variant in variants for tree in trees]
     server = Server.open(DATA_DIR)
     found: dict[str, list[dict[str, float]]] = {}
     try:
@@ -219,7 +220,7 @@ def main() -> None:
                 own_per_s = figures["per_s"]
                 _record(found, run, f"orch8's statements alone, batch {batches[0][0]}, "
                         "2 processes", figures)
-            _drain_nodes(server, pid, run, cases[::-1] if run % 2 else cases, variants,
+            _drain_nodes(server, pid, run, setups[::-1] if run % 2 else setups, variants,
                          trees, args.instances, {"vs_raw": raw_per_s, "vs_own_sql": own_per_s},
                          found)
     finally:
