@@ -28,7 +28,6 @@ last line is one JSON object.
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -93,8 +92,7 @@ def drain(dsn: str, server: psutil.Process, settings: NodeSettings,
 
 def migrate_with(root: Path, dsn: str) -> None:
     """Build the schema with the migrations of the source tree `root`, its own code."""
-    environ = {key: value for key, value in os.environ.items()
-               if not key.startswith("ORCH8_")} | {"PYTHONPATH": str(root)}
+    environ = engine.clean_environ() | {"PYTHONPATH": str(root)}
     result = subprocess.run(
         [sys.executable, "-c", "import sys; from orch8.migrate import migrate; "
          "migrate(sys.argv[1])", dsn], cwd=root, env=environ, capture_output=True, text=True)

@@ -87,6 +87,12 @@ class NodeSettings:
         return asdict(self)
 
 
+def clean_environ() -> dict[str, str]:
+    """This process's environment without orch8's own settings (`ORCH8_*`): what a node
+    or a tool started from the bench is given on top of it is all it is told."""
+    return {key: value for key, value in os.environ.items() if not key.startswith("ORCH8_")}
+
+
 class Node:
     """One real `orch8-supervisor` on `dsn`, with the bench's handlers loaded, running the
     code of the source tree `root` (this one unless told), started from that directory."""
@@ -96,8 +102,7 @@ class Node:
         self.settings = settings
         self.url = f"http://127.0.0.1:{free_port()}"
         self._log = tempfile.TemporaryFile()
-        environ = {key: value for key, value in os.environ.items()
-                   if not key.startswith("ORCH8_")}
+        environ = clean_environ()
         environ.update(DATABASE_URL=dsn, ORCH8_LOG_LEVEL="WARNING",
                        ORCH8_HANDLERS="bench.handlers",
                        PYTHONPATH=os.pathsep.join(filter(None, [str(root),

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from api_helpers import SUPERVISOR
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_DIR = TESTS_DIR.parent
@@ -172,8 +173,7 @@ class Cluster:
         from `cwd`, as an operator runs it from a directory of theirs)."""
         port = free_port()
         log_path = self.log_dir / f"{node_id}.log"
-        command = ([str(Path(sys.executable).with_name("orch8-supervisor"))] if cwd
-                   else [sys.executable, "-m", "supervisor.main"])
+        command = [SUPERVISOR] if cwd else [sys.executable, "-m", "supervisor.main"]
         with log_path.open("wb") as log:
             process = subprocess.Popen(
                 [*command, *args],
