@@ -23,10 +23,11 @@ from psycopg_pool import AsyncConnectionPool
 from orch8 import Client, HandlerError, StepContext, handler
 from orch8.engine.executor import Executor, Held, HeldConflict
 from orch8.engine.stats import WorkerStats
+from orch8.engine.worker import Worker
 from orch8.handlers.registry import default_registry
 from orch8.store import claims, nodes
 from orch8.store.claims import Owner
-from tests.engine_helpers import run_workers_until
+from tests.engine_helpers import FAST, run_workers_until
 
 TRANSITIONS = """
 CREATE TABLE test_transitions (
@@ -379,3 +380,45 @@ def test_a_worker_goes_on_after_a_held_claim_found_an_output_recorded(dsn: str, 
                      "VALUES (%s, 'a', '{\"stale\": true}', 1)", (ids[1],))
     run_workers_until(dsn, finished(client, ids))
     assert all(client.get(i).outputs == {"a": {"x": 3}} for i in ids)
+
+
+async def ready_connection(dsn: str) -> tuple[list[str], Any]:
+    """Open a worker's pool as its `run` does; from one of its connections, the statements
+    its session has prepared, and its transaction status."""
+    worker = Worker(FAST, dsn, Owner("test-node", uuid.uuid4(), 0))
+    pool = worker.new_pool()
+    await pool.open(wait=True, timeout=30)
+    try:
+        async with pool.connection() as conn:
+            status = conn.info.transaction_status
+            cursor = await conn.execute("SELECT statement FROM pg_prepared_statements")
+            return [row[0] for row in await cursor.fetchall()], status
+    finally:
+        await pool.close()
+
+
+def test_a_workers_new_connection_is_made_ready_for_held_claims_and_changes_nothing(
+        dsn: str, client: Client) -> None:
+    client.create_sequence("one", [{"id": "a", "handler": "noop"}])
+    [created] = client.start_many([{"sequence": "one"}])
+    prepared, status = asyncio.run(ready_connection(dsn))
+    # The held claim's two statements, as its first claim will send them.
+    lock = claims.bounded(claims.LOCK_DUE, FAST.batch_size)
+    assert sum("FOR UPDATE SKIP LOCKED" in text for text in prepared) == 1
+    assert any(text.startswith(lock.split("%(")[0]) for text in prepared)
+    assert sum("INSERT INTO step_outputs" in text for text in prepared) == 1
+    # Nothing written, nothing left open.
+    assert status == psycopg.pq.TransactionStatus.IDLE
+    assert claims_of(dsn, [created.id]) == [("scheduled", 0)]
+    assert paths(dsn) == {} and client.get(created.id).outputs == {}
+
+
+def test_a_connection_that_cannot_be_made_ready_is_used_all_the_same(
+        dsn: str, client: Client, caplog: pytest.LogCaptureFixture) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("ALTER TABLE step_outputs RENAME TO step_outputs_elsewhere")
+    prepared, status = asyncio.run(ready_connection(dsn))
+    assert not any("INSERT INTO step_outputs" in text for text in prepared)
+    assert status == psycopg.pq.TransactionStatus.IDLE
+    assert "could not make a new connection ready for claims" in caplog.text
+    assert 'relation "step_outputs" does not exist' in caplog.text

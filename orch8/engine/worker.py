@@ -111,12 +111,7 @@ class Worker:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Claim and execute until `stop` is set, then stop gracefully."""
-        pool = AsyncConnectionPool(
-            self._dsn, min_size=2, max_size=8, open=False,
-            kwargs={"autocommit": True,
-                    "application_name": nodes.worker_session(self.owner.incarnation)},
-            name=f"orch8-worker-{self.owner.slot}",
-        )
+        pool = self.new_pool()
         await pool.open(wait=True, timeout=30)
         async with pool.connection() as conn:
             self._started_at = (await (await conn.execute("SELECT now()")).fetchall())[0][0]
@@ -148,6 +143,25 @@ class Worker:
             await asyncio.gather(*background, return_exceptions=True)
             threads.shutdown(wait=False, cancel_futures=True)
             await pool.close()
+
+    def new_pool(self) -> AsyncConnectionPool:
+        """This worker's connections (not yet open), each made ready for held claims
+        before the pool hands it out (`claims.warm_up`)."""
+        return AsyncConnectionPool(
+            self._dsn, min_size=2, max_size=8, open=False,
+            kwargs={"autocommit": True,
+                    "application_name": nodes.worker_session(self.owner.incarnation)},
+            name=f"orch8-worker-{self.owner.slot}", configure=self._warm_up,
+        )
+
+    async def _warm_up(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        try:
+            await claims.warm_up(conn, self.settings.batch_size)
+        except psycopg.OperationalError:
+            raise  # the connection is bad: the pool drops it and makes another
+        except psycopg.Error as error:
+            # Only a slower first claim is lost; that claim reports the real trouble.
+            log.warning("could not make a new connection ready for claims: %s", error)
 
     async def run_once(self, pool: AsyncConnectionPool, executor: Executor) -> None:
         """One claim, or a run of them while a backlog lasts: take what is due (up to the
