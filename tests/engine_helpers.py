@@ -16,7 +16,7 @@ from orch8.store.claims import Owner, StepDone, refused_steps
 
 FAST = Settings(tick_interval_ms=20, commit_linger_ms=0.0, drain_timeout_s=10)
 
-# A worker LISTENs on its own connection once its pool is open and its claim loop starts;
+# A worker LISTENs on its own connection once its pool is open, before its first claim;
 # the statement stays in pg_stat_activity while the connection waits for notifications.
 LISTENING = """
 SELECT count(*) FROM pg_stat_activity

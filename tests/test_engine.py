@@ -8,6 +8,7 @@ import threading
 import time
 import uuid
 
+import psycopg
 import pytest
 
 import tests.handlers_core  # noqa: F401  (registers test handlers)
@@ -236,16 +237,42 @@ def test_enqueue_joins_the_callers_transaction(dsn, client):
     assert [i.id for i in client.list()] == [kept.id]
 
 
+def test_a_starting_worker_listens_before_its_first_claim(dsn, client):
+    # Work committed after the first claim began must find the worker listening: else
+    # its NOTIFY is lost, and it waits for the next tick (5 s here).
+    client.create_sequence("first", [{"id": "s", "handler": "noop"}])
+    first = client.start("first").id
+    slow_ticks = Settings(tick_interval_ms=5000, commit_linger_ms=0.0)
+    seen = {}
+
+    def first_claimed() -> bool:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            listen = conn.execute("SELECT query_start FROM pg_stat_activity WHERE datname = "
+                                  "current_database() AND query = 'LISTEN orch8_work'"
+                                  ).fetchone()
+            claim = conn.execute("SELECT claimed_at FROM instances WHERE id = %s AND "
+                                 "state = 'completed'", (first,)).fetchone()
+        if listen and claim:
+            seen.update(listen=listen[0], claim=claim[0])
+        return bool(seen)
+
+    run_workers_until(dsn, first_claimed, settings=slow_ticks, timeout_s=4.0)
+    # `claimed_at` is the claim's transaction start: the LISTEN was sent before it.
+    assert seen["listen"] < seen["claim"]
+
+
 def test_a_notify_wakes_an_idle_worker_before_the_next_tick(dsn, client):
     client.create_sequence("wake", [{"id": "s", "handler": "noop"}])
     slow_ticks = Settings(tick_interval_ms=5000, commit_linger_ms=0.0)
+    first = client.start("wake").id
     box = {}
 
     def start_later():
-        # Once the worker listens, its first (empty) claim is behind it: it started with
-        # the claim loop, which needs no new connection. Only a NOTIFY now wakes it
-        # before its next tick, 5 s away.
-        wait_for_listeners(dsn, 1)
+        # Once the instance there before the worker has completed, the first claim is
+        # behind it, made while it listened. Only a NOTIFY now wakes it before its next
+        # tick, 5 s away.
+        while client.get(first).state != State.COMPLETED:
+            time.sleep(0.01)
         box["id"] = client.start("wake").id
         box["at"] = time.monotonic()
 

@@ -52,6 +52,9 @@ log = logging.getLogger("orch8.engine.worker")
 # How long a stopping worker waits for its cancelled runs to end (an async handler may
 # catch the cancellation and carry on, or block the loop).
 CANCEL_GRACE_S = 1.0
+# How long a starting worker waits for its LISTEN before its first claim (it takes a
+# connection's set-up, a few ms; past this, polling alone finds the work until it comes).
+LISTEN_WAIT_S = 1.0
 
 
 class Worker:
@@ -79,6 +82,7 @@ class Worker:
         self._stop: asyncio.Event | None = None
         self._executor: Executor | None = None
         self._wake = asyncio.Event()
+        self._listening = asyncio.Event()  # (set once, by the first LISTEN)
         self._hurry = asyncio.Event()
         self._draining = False
         self._last_claim_full = False
@@ -135,6 +139,9 @@ class Worker:
             asyncio.create_task(SlotBackstop(pool).run(stop), name="slot-backstop"),
         ]
         try:
+            # The first claim finds the work committed before it; work committed after it
+            # must find this worker listening, or its NOTIFY is lost and it waits a tick.
+            await wait_any(stop, self._listening, timeout=LISTEN_WAIT_S)
             await self._claim_loop(pool, executor, stop)
             await self._finish(pool, committer)
         finally:
@@ -377,6 +384,7 @@ class Worker:
                 async with await psycopg.AsyncConnection.connect(
                         self._dsn, autocommit=True) as conn:
                     await conn.execute("LISTEN orch8_work")
+                    self._listening.set()
                     async for _ in conn.notifies():
                         self._wake.set()
             except (psycopg.OperationalError, OSError) as error:
