@@ -403,9 +403,10 @@ def test_a_workers_new_connection_is_made_ready_for_held_claims_and_changes_noth
     [created] = client.start_many([{"sequence": "one"}])
     prepared, status = asyncio.run(ready_connection(dsn))
     # The held claim's two statements, as its first claim will send them.
-    lock = claims.bounded(claims.LOCK_DUE, FAST.batch_size)
+    lock = claims.bounded(claims.LOCK_DUE, FAST.batch_size)  # (its bound on its last line)
     assert sum("FOR UPDATE SKIP LOCKED" in text for text in prepared) == 1
-    assert any(text.startswith(lock.split("%(")[0]) for text in prepared)
+    assert any(text.startswith(lock.split("%(")[0])
+               and text.rstrip().endswith(lock.rstrip().splitlines()[-1]) for text in prepared)
     assert sum("INSERT INTO step_outputs" in text for text in prepared) == 1
     # Nothing written, nothing left open.
     assert status == psycopg.pq.TransactionStatus.IDLE
