@@ -18,10 +18,11 @@ FAST = Settings(tick_interval_ms=20, commit_linger_ms=0.0, drain_timeout_s=10)
 
 # A worker LISTENs on its own connection once its pool is open, before its first claim;
 # the statement stays in pg_stat_activity while the connection waits for notifications.
-LISTENING = """
-SELECT count(*) FROM pg_stat_activity
+LISTENERS = """
+FROM pg_stat_activity
 WHERE datname = current_database() AND query = 'LISTEN orch8_work'
 """
+LISTENING = f"SELECT count(*) {LISTENERS}"
 
 # A claim statement (or a write that also claims: both read the node row FOR KEY SHARE)
 # waiting for a lock: the signal a lock-order test waits for before its next move.

@@ -17,7 +17,7 @@ from orch8.config import Settings
 from orch8.engine.worker import Worker
 from orch8.handlers import default_registry
 from orch8.store.claims import Owner
-from tests.engine_helpers import FAST, run_workers_until, wait_for_listeners
+from tests.engine_helpers import FAST, LISTENERS, run_workers_until, wait_for_listeners
 
 
 @pytest.fixture
@@ -247,9 +247,7 @@ def test_a_starting_worker_listens_before_its_first_claim(dsn, client):
 
     def first_claimed() -> bool:
         with psycopg.connect(dsn, autocommit=True) as conn:
-            listen = conn.execute("SELECT query_start FROM pg_stat_activity WHERE datname = "
-                                  "current_database() AND query = 'LISTEN orch8_work'"
-                                  ).fetchone()
+            listen = conn.execute(f"SELECT query_start {LISTENERS}").fetchone()
             claim = conn.execute("SELECT claimed_at FROM instances WHERE id = %s AND "
                                  "state = 'completed'", (first,)).fetchone()
         if listen and claim:
