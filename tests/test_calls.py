@@ -51,7 +51,9 @@ def run_calls(*calls: tuple[object, Step]) -> list[Outcome | str]:
                 answers.append(started)
             else:
                 answers += ["suspended", await started]
+        caller.count_quick()  # (the calls that returned at once: counted once per batch)
         assert stats.counts["steps_executed"] == len(calls)
+        assert sum(stats.step_seconds.counts) == len(calls)
         return answers
 
     return asyncio.run(main())

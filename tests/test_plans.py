@@ -143,8 +143,8 @@ async def held_claim(aconn: psycopg.AsyncConnection[Any], owner: Owner,
     async with aconn.pipeline():
         locked, _ = await claims.lock_due(aconn, owner, limit)
         await claims.settle_locked(
-            aconn, owner, [claims.Settled(c.id, c.epoch, 1, True) for c in locked],
-            completed(locked))
+            aconn, owner, [(c.id, c.epoch, 1, True) for c in locked],
+            claims.step_rows(completed(locked)))
     return locked
 
 

@@ -48,13 +48,19 @@ class Caller:
         self._threads = threads
         self._steps_executed = functools.partial(stats.add, "steps_executed")
         self._step_seconds = stats.step_seconds.observe
+        # How long each call that returned at once took, until `count_quick` folds them.
+        self._quick: list[float] = []
         # The error for a handler this process lacks (the registry's, which says how to fix it).
         self._unknown = unknown
 
     def call_now(self, handler: Handler | None, step: Step,
                  context: StepContext) -> Outcome | Awaitable[Outcome]:
         """Start a coroutine handler here; its outcome if it finished without suspending,
-        else an awaitable of the rest of the call (timeout included)."""
+        else an awaitable of the rest of the call (timeout included).
+
+        A call that finished here is counted (`steps_executed`, `step_seconds`) at the next
+        `count_quick`, which the caller makes once per batch: counting each one as it
+        ends cost 0.6 µs, a third of a `noop` call."""
         if handler is None:
             return Outcome(error=self._unknown(step.handler), retryable=False)
         started = perf_counter()
@@ -70,8 +76,16 @@ class Caller:
             outcome = _failure(step, error)
         else:
             return self._finish(step, _resume(coroutine, suspended_on, variables), started)
-        self._observe(started)
+        self._quick.append(perf_counter() - started)
         return outcome
+
+    def count_quick(self) -> None:
+        """Count the calls that finished in `call_now` since the last time."""
+        quick = self._quick
+        if quick:
+            self._steps_executed(len(quick))
+            self._stats.step_seconds.observe_each(quick)
+            quick.clear()
 
     async def call(self, handler: Handler | None, step: Step, context: StepContext,
                    on_start: Callable[[], None] | None = None) -> Outcome:
@@ -168,10 +182,13 @@ def _announcing(function: Any, is_async: bool, on_start: Callable[[], None]) -> 
 
 def _output(result: Any) -> Outcome:
     """Handlers return a dict (None counts as {}); anything else is the handler's bug."""
+    # (`tuple.__new__`: the named tuple's constructor without its Python wrapper, see
+    # `orch8.store.claims.Claimed`.)
     if result is None:
-        return Outcome("{}", {})
+        return tuple.__new__(Outcome, ("{}", {}, None, True))
     if type(result) is dict and not result:
-        return Outcome("{}", result)  # (no encoder call for the most common output)
+        # (No encoder call for the most common output.)
+        return tuple.__new__(Outcome, ("{}", result, None, True))
     if not isinstance(result, dict):
         return Outcome(error=f"handler returned {type(result).__name__}, not a dict",
                        retryable=False)
@@ -180,4 +197,4 @@ def _output(result: Any) -> Outcome:
     except TypeError as error:
         return Outcome(error=f"handler output is not JSON-serialisable: {error}",
                        retryable=False)
-    return Outcome(output_json=encoded, output=result)
+    return tuple.__new__(Outcome, (encoded, result, None, True))

@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import orjson
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
@@ -36,7 +37,7 @@ from orch8.handlers.context import StepContext
 from orch8.handlers.registry import Handler, Registry
 from orch8.model import Step
 from orch8.store import claims, rate_limits
-from orch8.store.claims import Claimed, Owner, Settled, StepDone
+from orch8.store.claims import Claimed, Owner, Settled, StepDone, StepRow
 from orch8.store.sequences import Sequence, get_sequence
 
 log = logging.getLogger("orch8.engine.executor")
@@ -226,7 +227,7 @@ class Executor:
 
     def _run_held(self, locked: list[Claimed], sequences: dict[tuple[str, int], Sequence],
                   earlier_outputs: dict[Any, dict[str, Any]]
-                  ) -> tuple[list[Settled], list[StepDone], list[Run]]:
+                  ) -> tuple[list[Settled], list[StepRow], list[Run]]:
         """Run locked instances' steps while each returns at once, one instance after
         another; return where each stopped, the outputs to record, and the runs that go on
         under a claim (the only ones that need a `Run`).
@@ -238,21 +239,23 @@ class Executor:
         at least once, as always.)
         """
         settled: list[Settled] = []
-        outputs: list[StepDone] = []
+        outputs: list[StepRow] = []
         going_on: list[Run] = []
         call_now = self._caller.call_now
+        fragment = orjson.Fragment
         # Each step's handler, if a first attempt at it starts here: asked once per step
         # the batch reaches (most batches reach one), not once per instance.
         here: dict[int, tuple[Handler | None] | None] = {}
         for claimed in locked:
-            sequence = sequences[claimed.sequence_name, claimed.sequence_version]
+            # One unpacking, not a named tuple's attribute look-up per use.
+            id_, epoch, name, version, input_, index, attempt, delay_done, _, _ = claimed
+            sequence = sequences[name, version]
             steps = sequence.steps
-            index, attempt, delay_done = claimed.step_index, claimed.attempt, claimed.delay_done
-            earlier = earlier_outputs.get(claimed.id)  # (ours to change: loaded for this run)
+            earlier = earlier_outputs.get(id_)  # (ours to change: loaded for this run)
             ran_a_step = False
             while True:
                 if index >= len(steps):
-                    settled.append(Settled(claimed.id, claimed.epoch, index, True))
+                    settled.append((id_, epoch, index, True))
                     break
                 step = steps[index]
                 outcome: Outcome | Awaitable[Outcome] | None = None
@@ -263,16 +266,16 @@ class Executor:
                         here[key] = (handler,) if self._starts_here(step, handler) else None
                     starts = here[key]
                     if starts is not None:
-                        outcome = call_now(starts[0], step, StepContext(
-                            claimed.id, sequence.name, step.id, 1, claimed.input,
-                            dict(earlier) if earlier else {}))
+                        # (`tuple.__new__`: see `Claimed`.)
+                        outcome = call_now(starts[0], step, tuple.__new__(StepContext, (
+                            id_, name, step.id, 1, input_, dict(earlier) if earlier else {})))
                 if isinstance(outcome, Outcome) and outcome.error is None:
                     index += 1
                     last = index == len(steps)
-                    outputs.append(StepDone(claimed.id, claimed.epoch, step.id, 1,
-                                            outcome.output_json or "{}", index, last))
+                    outputs.append((id_, epoch, step.id, 1,
+                                    fragment(outcome.output_json or "{}"), index, last))
                     if last:  # (most runs)
-                        settled.append(Settled(claimed.id, claimed.epoch, index, True))
+                        settled.append((id_, epoch, index, True))
                         break
                     if earlier is None:
                         earlier = {}
@@ -284,8 +287,9 @@ class Executor:
                     claimed, sequence, {} if earlier is None else earlier, index, attempt,
                     delay_done, ran_a_step,
                     _ready(outcome) if isinstance(outcome, Outcome) else outcome))
-                settled.append(Settled(claimed.id, claimed.epoch, index, False))
+                settled.append((id_, epoch, index, False))
                 break
+        self._caller.count_quick()
         return settled, outputs, going_on
 
     async def resume(self, runs: list[Run], left: Callable[[int], None]) -> None:
@@ -329,6 +333,7 @@ class Executor:
                 pending = outcome  # it suspended: the rest of its call goes on alone
             alone.append(asyncio.create_task(self._run_alone(run, pending, left)))
             handed_off += 1
+        self._caller.count_quick()
         going_on = await self._record(returned)
         for run in waiting:
             await self._fenced("delayed", claims.wait, run.claimed, run.step.delay_ms)
