@@ -46,9 +46,7 @@ class Caller:
                  ) -> None:
         self._stats = stats
         self._threads = threads
-        self._steps_executed = functools.partial(stats.add, "steps_executed")
-        self._step_seconds = stats.step_seconds.observe
-        # How long each call that returned at once took, until `count_quick` folds them.
+        # How long each finished call took, until `count_quick` counts them.
         self._quick: list[float] = []
         # The error for a handler this process lacks (the registry's, which says how to fix it).
         self._unknown = unknown
@@ -80,10 +78,11 @@ class Caller:
         return outcome
 
     def count_quick(self) -> None:
-        """Count the calls that finished in `call_now` since the last time."""
+        """Count the calls that finished in `call_now` since the last time (each other
+        call is counted as it ends, through here as well)."""
         quick = self._quick
         if quick:
-            self._steps_executed(len(quick))
+            self._stats.add("steps_executed", len(quick))
             self._stats.step_seconds.observe_each(quick)
             quick.clear()
 
@@ -124,8 +123,8 @@ class Caller:
         return _output(result)
 
     def _observe(self, started: float) -> None:
-        self._steps_executed()
-        self._step_seconds(perf_counter() - started)
+        self._quick.append(perf_counter() - started)
+        self.count_quick()
 
 
 def _failure(step: Step, error: Exception) -> Outcome:

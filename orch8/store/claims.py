@@ -397,6 +397,7 @@ StepRow = tuple[uuid.UUID, int, str, int, orjson.Fragment, int, bool]
 
 
 def step_rows(done: Sequence[StepDone]) -> list[StepRow]:
+    """`StepDone`s as the rows a write sends."""
     return [(d.id, d.epoch, d.step_id, d.attempt, orjson.Fragment(d.output_json),
              d.next_index, d.last) for d in done]
 
