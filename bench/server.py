@@ -24,6 +24,7 @@ from psycopg.conninfo import make_conninfo
 
 from orch8.database import resolve_dsn
 from orch8.migrate import migrate
+from supervisor.processes import exists
 
 # The embedded server's data directory when DATABASE_URL is unset: one for every bench
 # entry point, so they share one server (and its warm caches) rather than start several.
@@ -53,7 +54,11 @@ class Server:
         url = os.environ.get("DATABASE_URL")
         if url:
             return cls(url, embedded=False)
-        return cls(resolve_dsn(None, str(data_dir)), embedded=True)
+        dsn = resolve_dsn(None, str(data_dir))
+        # (Only here: the embedded server's databases were all made by this machine's
+        # processes, so a name's process id says whether its run is still alive.)
+        drop_leftovers(dsn)
+        return cls(dsn, embedded=True)
 
     def facts(self) -> dict[str, Any]:
         """The server and machine every figure of the run came from."""
@@ -95,12 +100,37 @@ class Server:
         return self._template
 
     def _drop(self, name: str) -> None:
-        self._execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-            sql.Identifier(name)))
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            _drop_database(conn, name)
 
     def _execute(self, statement: sql.Composed) -> None:
         with psycopg.connect(self.dsn, autocommit=True) as conn:
             conn.execute(statement)
+
+
+# A database `Server` made: the process that made it, then a counter (`Server._names`).
+LEFTOVER = r"^orch8_bench_([0-9]+)_[0-9]+$"
+
+
+def drop_leftovers(dsn: str) -> list[str]:
+    """Drop the databases that runs no longer alive left on the server at `dsn` (a run
+    killed before `Server.close` and its `database()` blocks could drop them: a migrated
+    template and a scratch database each, kept until now); return their names. Only for a
+    server whose bench databases were all made on this machine: a process id is only
+    meaningful here."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows = conn.execute("SELECT datname, (regexp_match(datname, %(pattern)s))[1]::int "
+                            "FROM pg_database WHERE datname ~ %(pattern)s",
+                            {"pattern": LEFTOVER}).fetchall()
+        left = sorted(name for name, pid in rows if not exists(pid))
+        for name in left:
+            _drop_database(conn, name)
+    return left
+
+
+def _drop_database(conn: psycopg.Connection[Any], name: str) -> None:
+    conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+        sql.Identifier(name)))
 
 
 def commit_stamped(conn: psycopg.Connection[Any]) -> datetime:

@@ -13,9 +13,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psycopg
 import pytest
+from psycopg import sql
 
 from bench.pool_check import CHECKS
+from bench.server import drop_leftovers
 from bench.sql_floor import CASES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,3 +99,22 @@ def test_cpu_split_drains_a_node_of_another_tree_with_that_trees_own_code(
                                                          / summary[ours]["per_s"]["median"])
     # Two workers of the copy's node, none of this tree's.
     assert len(marks.read_text().split()) == 2
+
+
+def test_a_killed_runs_databases_are_dropped_and_a_live_ones_kept(server_dsn: str) -> None:
+    # A run killed before it could drop its databases leaves them named for its process.
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    left, alive = f"orch8_bench_{gone.pid}_0", f"orch8_bench_{os.getpid()}_999"
+    with psycopg.connect(server_dsn, autocommit=True) as conn:
+        for name in (left, alive):
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        assert left in drop_leftovers(server_dsn)
+        with psycopg.connect(server_dsn, autocommit=True) as conn:
+            names = {row[0] for row in conn.execute("SELECT datname FROM pg_database")}
+        assert left not in names and alive in names
+    finally:
+        with psycopg.connect(server_dsn, autocommit=True) as conn:
+            for name in (left, alive):
+                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
