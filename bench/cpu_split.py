@@ -4,22 +4,23 @@
                               [--variant NAME=SQL ...] [--tree NAME=DIR ...]
 
 Drains a backlog of one-step `noop` instances with a real `orch8-supervisor --workers 2`
-(as `python -m bench` does) and reads the CPU time the processes' own counters give:
-every PostgreSQL process (the postmaster's live children plus those it has reaped), the
-worker processes and the supervisor, before the backlog is released and once it has
-drained. `--variant` runs SQL on each scratch database before its drain, e.g. to put back
-indexes a migration dropped. `--tree` also drains nodes running the code of another
-source tree (a `git worktree` of an earlier commit, say; started from that directory, on
-a database its own migrations built, the backlog written by this tree's client), with
-each rate as a ratio to this tree's in the same run: an A/B of two commits. Batch
-settings, variants and trees alternate within each run, every other run in reverse order
-(A B C, C B A, ...). `--raw` adds the minimal raw loop (`bench/raw.py`, 2 processes, the first
-batch size) to each run, and each configuration's rate as a ratio to the raw loop's in
-that run: with a long drain, the steady state that a 5,000-instance drain on a node
-just started only nears (the raw loop's CPU is not split). `--own-sql` adds orch8's own
-statements sent by the same minimal loop (`bench/own_sql.py`, 2 processes, the first
-batch size) and PostgreSQL's CPU for them: what the schema and statements allow before
-any engine runs, so the gap between the raw loop and the node splits in two.
+(as `python -m bench` does) and reads the CPU time the processes' own counters give: every
+PostgreSQL process (the postmaster's live children plus those it has reaped), the worker
+processes and the supervisor, before the backlog is released and once it has drained.
+`--variant` runs SQL on each scratch database before its drain, e.g. to put back indexes a
+migration dropped. `--tree` also drains nodes running the code of another source tree (a
+`git worktree` of an earlier commit, say; started from that directory, on a database its
+own migrations built, the backlog written by this tree's client), with each rate as a
+ratio to this tree's in the same run: an A/B of two commits. Batch settings, variants and
+trees alternate within each run, every other run in reverse order (A B C, C B A, ...), the
+raw loop and orch8's statements with them: before the nodes in one run, after them in the
+next. `--raw` adds the minimal raw loop (`bench/raw.py`, 2 processes, the first batch
+size) to each run, and each configuration's rate as a ratio to the raw loop's in that run:
+with a long drain, the steady state that a 5,000-instance drain on a node just started
+only nears (the raw loop's CPU is not split). `--own-sql` adds orch8's own statements sent
+by the same minimal loop (`bench/own_sql.py`, 2 processes, the first batch size) and
+PostgreSQL's CPU for them: what the schema and statements allow before any engine runs, so
+the gap between the raw loop and the node splits in two.
 Reads `/proc` through psutil, so PostgreSQL must run on this machine: the embedded
 server, or a local one in `DATABASE_URL` whose data directory is readable here. The
 last line is one JSON object.
@@ -141,35 +142,39 @@ def _record(found: dict[str, list[dict[str, float]]], run: int, label: str,
 Setup = tuple[tuple[int, ...], str, str | None]
 
 
-def _drain_nodes(server: Server, pid: psutil.Process, run: int, setups: list[Setup],
-                 variants: dict[str, str], trees: dict[str | None, Path], count: int,
-                 versus: dict[str, float | None],
-                 found: dict[str, list[dict[str, float]]]) -> None:
-    """One run's node drains, in the order given; each rate also as a ratio to the rates
-    in `versus` (the raw loop's, orch8's statements'), and another tree's to this one's."""
-    this_tree: dict[tuple[tuple[int, ...], str], float] = {}
-    later: list[tuple[str, dict[str, float], tuple[tuple[int, ...], str]]] = []
-    for (batch, in_flight), name, tree in setups:
+def _drain_nodes(server: Server, pid: psutil.Process, setups: list[Setup],
+                 variants: dict[str, str], trees: dict[str | None, Path],
+                 count: int) -> list[tuple[Setup, dict[str, float]]]:
+    """One run's node drains, in the order given, each with its figures."""
+    drained = []
+    for setup in setups:
+        (batch, in_flight), name, tree = setup
         with server.database(migrated=tree is None) as dsn:
             if tree is not None:
                 migrate_with(trees[tree], dsn)
             if variants[name]:
                 with psycopg.connect(dsn, autocommit=True) as conn:
                     conn.execute(variants[name])
-            figures = drain(dsn, pid, NodeSettings(
-                workers=2, batch_size=batch, max_in_flight=in_flight), count, trees[tree])
+            drained.append((setup, drain(dsn, pid, NodeSettings(
+                workers=2, batch_size=batch, max_in_flight=in_flight), count, trees[tree])))
+    return drained
+
+
+def _record_nodes(found: dict[str, list[dict[str, float]]], run: int,
+                  drained: list[tuple[Setup, dict[str, float]]],
+                  versus: dict[str, float | None]) -> None:
+    """Record a run's node drains, each rate also as a ratio to the rates in `versus`
+    (the raw loop's, orch8's statements'), and another tree's to this one's."""
+    this_tree = {(batch, name): figures["per_s"]
+                 for (batch, name, tree), figures in drained if tree is None}
+    for (batch, name, tree), figures in sorted(drained, key=lambda d: d[0][2] is not None):
         for key, rate in versus.items():
             if rate:
                 figures[key] = figures["per_s"] / rate
-        label = f"{name}, batch {batch}/{in_flight}"
-        if tree is None:
-            this_tree[(batch, in_flight), name] = figures["per_s"]
-            _record(found, run, label, figures)
-        else:
-            later.append((f"{tree}: {label}", figures, ((batch, in_flight), name)))
-    # (Recorded once this tree's rate for the same settings is known.)
-    for label, figures, key in later:
-        figures["vs_this_tree"] = figures["per_s"] / this_tree[key]
+        label = f"{name}, batch {batch[0]}/{batch[1]}"
+        if tree is not None:
+            label = f"{tree}: {label}"
+            figures["vs_this_tree"] = figures["per_s"] / this_tree[batch, name]
         _record(found, run, label, figures)
 
 
@@ -204,23 +209,31 @@ def main() -> None:
     try:
         pid = postmaster(server.dsn)
         for run in range(args.runs):
-            raw_per_s = own_per_s = None
-            if args.raw:
-                with server.database(migrated=False) as dsn:
-                    figures = raw_drain(dsn, batches[0][0], args.instances)
-                raw_per_s = figures["per_s"]
-                _record(found, run, f"raw loop, batch {batches[0][0]}, 2 processes", figures)
-            if args.own_sql:
-                with server.database() as dsn:
-                    figures = own_sql_drain(dsn, pid, batches[0][0], args.instances)
-                if raw_per_s:
-                    figures["vs_raw"] = figures["per_s"] / raw_per_s
-                own_per_s = figures["per_s"]
+            # Every other run in reverse order, the raw loop and orch8's statements
+            # included: neither always drains first, on a server just idle.
+            parts = ["raw"] * args.raw + ["own_sql"] * args.own_sql + ["nodes"]
+            drained: list[tuple[Setup, dict[str, float]]] = []
+            raw = own = None
+            for part in parts[::-1] if run % 2 else parts:
+                if part == "raw":
+                    with server.database(migrated=False) as dsn:
+                        raw = raw_drain(dsn, batches[0][0], args.instances)
+                elif part == "own_sql":
+                    with server.database() as dsn:
+                        own = own_sql_drain(dsn, pid, batches[0][0], args.instances)
+                else:
+                    drained = _drain_nodes(server, pid, setups[::-1] if run % 2 else setups,
+                                           variants, trees, args.instances)
+            if raw is not None:
+                _record(found, run, f"raw loop, batch {batches[0][0]}, 2 processes", raw)
+            if own is not None:
+                if raw is not None:
+                    own["vs_raw"] = own["per_s"] / raw["per_s"]
                 _record(found, run, f"orch8's statements alone, batch {batches[0][0]}, "
-                        "2 processes", figures)
-            _drain_nodes(server, pid, run, setups[::-1] if run % 2 else setups, variants,
-                         trees, args.instances, {"vs_raw": raw_per_s, "vs_own_sql": own_per_s},
-                         found)
+                        "2 processes", own)
+            _record_nodes(found, run, drained, {
+                "vs_raw": raw["per_s"] if raw else None,
+                "vs_own_sql": own["per_s"] if own else None})
     finally:
         server.close()
     print(orjson.dumps(summarised(found)).decode())
