@@ -167,6 +167,8 @@ def _record_nodes(found: dict[str, list[dict[str, float]]], run: int,
     (the raw loop's, orch8's statements'), and another tree's to this one's."""
     this_tree = {(batch, name): figures["per_s"]
                  for (batch, name, tree), figures in drained if tree is None}
+    # (This tree's first, in the printed lines as in the summary: the others' ratios are
+    # to them.)
     for (batch, name, tree), figures in sorted(drained, key=lambda d: d[0][2] is not None):
         for key, rate in versus.items():
             if rate:

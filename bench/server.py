@@ -30,6 +30,9 @@ from supervisor.processes import exists
 # entry point, so they share one server (and its warm caches) rather than start several.
 DATA_DIR = Path(tempfile.gettempdir()) / "orch8-bench" / "postgres"
 
+# Every database a run makes here is named `<PREFIX>_<its process id>_<a counter>`.
+PREFIX = "orch8_bench"
+
 SERVER_FACTS = """
 SELECT current_setting('server_version') AS version,
        current_setting('shared_buffers') AS shared_buffers,
@@ -46,7 +49,7 @@ class Server:
     def __init__(self, dsn: str, embedded: bool) -> None:
         self.dsn = dsn
         self.embedded = embedded
-        self._names = (f"orch8_bench_{os.getpid()}_{n}" for n in itertools.count())
+        self._names = (f"{PREFIX}_{os.getpid()}_{n}" for n in itertools.count())
         self._template: str | None = None
 
     @classmethod
@@ -100,16 +103,15 @@ class Server:
         return self._template
 
     def _drop(self, name: str) -> None:
-        with psycopg.connect(self.dsn, autocommit=True) as conn:
-            _drop_database(conn, name)
+        self._execute(_dropping(name))
 
     def _execute(self, statement: sql.Composed) -> None:
         with psycopg.connect(self.dsn, autocommit=True) as conn:
             conn.execute(statement)
 
 
-# A database `Server` made: the process that made it, then a counter (`Server._names`).
-LEFTOVER = r"^orch8_bench_([0-9]+)_[0-9]+$"
+# A name `Server` gives a database, its process id captured.
+LEFTOVER = rf"^{PREFIX}_([0-9]+)_[0-9]+$"
 
 
 def drop_leftovers(dsn: str) -> list[str]:
@@ -124,13 +126,12 @@ def drop_leftovers(dsn: str) -> list[str]:
                             {"pattern": LEFTOVER}).fetchall()
         left = sorted(name for name, pid in rows if not exists(pid))
         for name in left:
-            _drop_database(conn, name)
+            conn.execute(_dropping(name))
     return left
 
 
-def _drop_database(conn: psycopg.Connection[Any], name: str) -> None:
-    conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-        sql.Identifier(name)))
+def _dropping(name: str) -> sql.Composed:
+    return sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
 
 
 def commit_stamped(conn: psycopg.Connection[Any]) -> datetime:
