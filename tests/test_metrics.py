@@ -17,6 +17,8 @@ import psycopg
 import pytest
 from api_helpers import Node, command_line, database, descendants, running_node, wait_for
 from handlers_for_tests import EXECUTIONS_TABLE
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from psycopg_pool import AsyncConnectionPool
 
@@ -255,6 +257,20 @@ def test_observations_are_folded_into_buckets_and_taken_once() -> None:
     taken = folding.take()
     assert taken.counts == (2, 2, 2) and taken.sum == pytest.approx(17.65)
     assert folding.take() == Folded((0, 0, 0), 0.0)
+
+
+@given(st.lists(st.one_of(st.sampled_from((0.0, 0.1, 1.0)),
+                          st.floats(0, 20, allow_nan=False)), max_size=150))
+def test_a_batch_is_folded_as_its_values_one_by_one(values: list[float]) -> None:
+    """`observe_each` (sorted, one bisect per bucket) buckets as `observe` does, values
+    equal to a bound included."""
+    one_by_one, at_once = Folding((0.1, 1.0, 5.0)), Folding((0.1, 1.0, 5.0))
+    for value in values:
+        one_by_one.observe(value)
+    at_once.observe_each(iter(values))
+    expected, taken = one_by_one.take(), at_once.take()
+    assert taken.counts == expected.counts
+    assert taken.sum == pytest.approx(expected.sum)
 
 
 def test_a_report_whose_buckets_do_not_match_is_ignored(tmp_path: Path) -> None:

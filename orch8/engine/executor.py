@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import operator
 from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -43,6 +44,9 @@ from orch8.store.sequences import Sequence, get_sequence
 log = logging.getLogger("orch8.engine.executor")
 
 T = TypeVar("T")
+# A claimed instance's definition, (sequence_name, sequence_version), read in C.
+_DEFINITION = operator.itemgetter(Claimed._fields.index("sequence_name"),
+                                  Claimed._fields.index("sequence_version"))
 WRITE_RETRY_S = (0.1, 0.5, 1.0, 2.0, 5.0)
 
 
@@ -248,7 +252,7 @@ class Executor:
         here: dict[int, tuple[Handler | None] | None] = {}
         for claimed in locked:
             # One unpacking, not a named tuple's attribute look-up per use.
-            id_, epoch, name, version, input_, index, attempt, delay_done, _, _ = claimed
+            id_, epoch, name, version, input_, index, attempt, delay_done, _, _, _ = claimed
             sequence = sequences[name, version]
             steps = sequence.steps
             earlier = earlier_outputs.get(id_)  # (ours to change: loaded for this run)
@@ -310,7 +314,7 @@ class Executor:
         resumed = [claimed.id for claimed in batch if claimed.step_index > 0]
         outputs = await self._with_connection(claims.load_outputs, resumed) if resumed else {}
         # One look-up per definition the batch uses (almost always one), not per instance.
-        wanted = {(claimed.sequence_name, claimed.sequence_version) for claimed in batch}
+        wanted = set(map(_DEFINITION, batch))
         return {key: await self._sequence(*key) for key in wanted}, outputs
 
     async def _round(self, runs: list[Run], alone: list[asyncio.Task[None]],

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import operator
 import uuid
 from collections.abc import Callable, Collection, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -48,6 +49,8 @@ from orch8.store.claims import Claimed, Owner, Refilled, StepDone
 from orch8.store.concurrency import SlotBackstop
 
 log = logging.getLogger("orch8.engine.worker")
+# A claimed instance's lateness, read in C (no Python frame per instance).
+_LATENESS = operator.attrgetter("lateness_s")
 
 # How long a stopping worker waits for its cancelled runs to end (an async handler may
 # catch the cancellation and carry on, or block the loop).
@@ -272,8 +275,7 @@ class Worker:
     def _count_claimed(self, claimed: list[Claimed]) -> None:
         self.stats.add("claimed", len(claimed))
         # (Never negative: a claim takes only rows due by its transaction's `now()`.)
-        self.stats.claim_lateness_seconds.observe_each(
-            [instance.lateness_s for instance in claimed])
+        self.stats.claim_lateness_seconds.observe_each(map(_LATENESS, claimed))
 
     def _run(self, claimed: list[Claimed],
              run: Callable[[Callable[[int], None]], Coroutine[Any, Any, None]]) -> None:
