@@ -13,7 +13,7 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import make_conninfo
 
-from bench.server import DATA_DIR
+from bench.server import DATA_DIR, database_name, drop_leftovers
 from orch8.config import Settings
 from orch8.database import resolve_dsn
 from orch8.engine.worker import Worker
@@ -26,12 +26,14 @@ def server_dsn() -> str:
     url = os.environ.get("DATABASE_URL")
     if url:
         return url
-    return resolve_dsn(None, str(DATA_DIR))
+    dsn = resolve_dsn(None, str(DATA_DIR))
+    drop_leftovers(dsn)  # (see `Server.open`: only on the embedded server)
+    return dsn
 
 
 def scratch_database(server: str) -> str:
     """A new, migrated database for one benchmark run; returns its DSN."""
-    name = f"orch8_bench_{uuid.uuid4().hex[:10]}"
+    name = database_name()
     with psycopg.connect(server, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     dsn = make_conninfo(server, dbname=name)

@@ -49,7 +49,6 @@ class Server:
     def __init__(self, dsn: str, embedded: bool) -> None:
         self.dsn = dsn
         self.embedded = embedded
-        self._names = (f"{PREFIX}_{os.getpid()}_{n}" for n in itertools.count())
         self._template: str | None = None
 
     @classmethod
@@ -77,7 +76,7 @@ class Server:
     @contextmanager
     def database(self, migrated: bool = True) -> Iterator[str]:
         """A new database (migrated for orch8, or empty for the raw loop and pgqueuer)."""
-        name = next(self._names)
+        name = database_name()
         template = self._migrated_template() if migrated else "template0"
         self._execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
             sql.Identifier(name), sql.Identifier(template)))
@@ -96,7 +95,7 @@ class Server:
 
     def _migrated_template(self) -> str:
         if self._template is None:
-            name = next(self._names)
+            name = database_name()
             self._execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
             migrate(self.dsn_of(name))
             self._template = name
@@ -112,6 +111,13 @@ class Server:
 
 # A name `Server` gives a database, its process id captured.
 LEFTOVER = rf"^{PREFIX}_([0-9]+)_[0-9]+$"
+_COUNTER = itertools.count()
+
+
+def database_name() -> str:
+    """A name for a new bench database, unique on the server while this process lives
+    (`drop_leftovers` drops it once the process is gone)."""
+    return f"{PREFIX}_{os.getpid()}_{next(_COUNTER)}"
 
 
 def drop_leftovers(dsn: str) -> list[str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,8 +18,9 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from bench._common import drop_database, scratch_database
 from bench.pool_check import CHECKS
-from bench.server import drop_leftovers
+from bench.server import LEFTOVER, drop_leftovers
 from bench.sql_floor import CASES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -118,3 +120,15 @@ def test_a_killed_runs_databases_are_dropped_and_a_live_ones_kept(server_dsn: st
         with psycopg.connect(server_dsn, autocommit=True) as conn:
             for name in (left, alive):
                 conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
+
+
+def test_the_older_tools_scratch_databases_are_named_for_their_process(server_dsn: str) -> None:
+    """`scratch_database` (the tools built on `bench/_common.py`) names its databases as
+    `Server` does, so that a killed tool's are dropped by the next run too."""
+    dsn = scratch_database(server_dsn)
+    try:
+        name = psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]
+        match = re.match(LEFTOVER, str(name))
+        assert match is not None and int(match[1]) == os.getpid()
+    finally:
+        drop_database(server_dsn, dsn)
