@@ -29,7 +29,8 @@ import psycopg
 
 from bench.runs import Figure
 from bench.server import commit_stamped
-from orch8 import Client, enqueue
+from orch8 import Client, enqueue_many
+from orch8.client import MAX_BATCH
 
 ROOT = Path(__file__).resolve().parent.parent
 SUPERVISOR = str(Path(sys.executable).parent / "orch8-supervisor")
@@ -169,16 +170,18 @@ def ready(nodes: Sequence[Node]) -> None:
 
 
 class Backlog:
-    """`count` instances of `sequence` inserted through `orch8.enqueue` in one transaction
-    that stays open until `release()`, so that none of them is visible before it."""
+    """`count` instances of `sequence` inserted through `orch8.enqueue_many` in one
+    transaction that stays open until `release()`, so that none of them is visible before
+    it."""
 
     def __init__(self, dsn: str, sequence: str, count: int,
                  body: dict[str, Any] | None = None) -> None:
         self.sequence = sequence
         self.count = count
         self._conn = psycopg.connect(dsn)
-        for _ in range(count):
-            enqueue(self._conn, sequence, body)
+        request = {"sequence": sequence, "input": body or {}}
+        for start in range(0, count, MAX_BATCH):
+            enqueue_many(self._conn, [request] * min(MAX_BATCH, count - start))
 
     def release(self) -> datetime:
         """Commit (with a wake-up NOTIFY); return the database's time just before it."""

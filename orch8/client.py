@@ -90,9 +90,7 @@ class Client:
 
     def start_many(self, requests: list[dict[str, Any]]) -> list[Created]:
         """Create many instances in one transaction: all of them, or none."""
-        if len(requests) > MAX_BATCH:
-            raise DefinitionError("instances", f"at most {MAX_BATCH} per batch")
-        parsed = [parse_new_instance(body) for body in requests]
+        parsed = _batch(requests)
         with self._pool.connection() as conn, conn.transaction():
             return instances.create_instances(parsed).run(conn)
 
@@ -140,6 +138,33 @@ def enqueue(conn: psycopg.Connection[Any], sequence: str,
             input: dict[str, Any] | None = None, **options: Any) -> Created:
     """Create an instance with the caller's connection, inside the caller's transaction."""
     return instances.create_instance(_request(sequence, input, options)).run(conn)
+
+
+def enqueue_many(conn: psycopg.Connection[Any], requests: list[dict[str, Any]]) -> list[Created]:
+    """Create many instances (bodies as `Client.start_many` takes them) with the caller's
+    connection, inside the caller's transaction: all of them, or none. A batch that fails
+    is undone alone (a savepoint) and the caller's transaction goes on; on a connection in
+    autocommit mode the batch is a transaction of its own."""
+    create = instances.create_instances(_batch(requests))
+    if conn.autocommit:
+        with conn.transaction():
+            return create.run(conn)
+    # (Not `conn.transaction()`: outside a transaction it would begin one and commit it at
+    # the end of its block. The savepoint begins the caller's transaction if none is open.)
+    conn.execute("SAVEPOINT orch8_enqueue_many")
+    try:
+        created = create.run(conn)
+    except Exception:
+        conn.execute("ROLLBACK TO SAVEPOINT orch8_enqueue_many")
+        raise
+    conn.execute("RELEASE SAVEPOINT orch8_enqueue_many")
+    return created
+
+
+def _batch(requests: list[dict[str, Any]]) -> list[NewInstance]:
+    if len(requests) > MAX_BATCH:
+        raise DefinitionError("instances", f"at most {MAX_BATCH} per batch")
+    return [parse_new_instance(body) for body in requests]
 
 
 def _request(sequence: str, input: dict[str, Any] | None, options: dict[str, Any]) -> NewInstance:

@@ -237,6 +237,41 @@ def test_enqueue_joins_the_callers_transaction(dsn, client):
     assert [i.id for i in client.list()] == [kept.id]
 
 
+def test_enqueue_many_joins_the_callers_transaction_and_fails_alone(dsn, client):
+    import psycopg
+
+    from orch8 import enqueue, enqueue_many
+    from orch8.errors import NotFound
+
+    client.create_sequence("txm", [{"id": "s", "handler": "noop"}])
+    with psycopg.connect(dsn) as conn:
+        enqueue_many(conn, [{"sequence": "txm", "input": {"n": n}} for n in range(3)])
+        conn.rollback()
+        before = enqueue(conn, "txm", {"n": "before"})
+        # One unknown sequence: none of the batch, and the transaction goes on.
+        with pytest.raises(NotFound):
+            enqueue_many(conn, [{"sequence": "txm"}, {"sequence": "no-such"}])
+        kept = enqueue_many(conn, [{"sequence": "txm", "input": {"n": n}} for n in range(3)])
+        conn.commit()
+    assert {i.id for i in client.list()} == {before.id} | {created.id for created in kept}
+    assert sorted(client.get(created.id).input["n"] for created in kept) == [0, 1, 2]
+
+
+def test_enqueue_many_on_an_autocommit_connection_is_all_or_nothing(dsn, client):
+    import psycopg
+
+    from orch8 import enqueue_many
+    from orch8.errors import NotFound
+
+    client.create_sequence("txa", [{"id": "s", "handler": "noop"}])
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        with pytest.raises(NotFound):
+            enqueue_many(conn, [{"sequence": "txa"}, {"sequence": "no-such"}])
+        assert client.list() == []
+        created = enqueue_many(conn, [{"sequence": "txa"}] * 2)
+    assert {i.id for i in client.list()} == {c.id for c in created}
+
+
 def test_a_starting_worker_listens_before_its_first_claim(dsn, client):
     # Work committed after the first claim began must find the worker listening: else
     # its NOTIFY is lost, and it waits for the next tick (5 s here).
