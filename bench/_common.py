@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
-import os
 import time
 import uuid
 from collections.abc import Callable
@@ -13,22 +12,17 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import make_conninfo
 
-from bench.server import DATA_DIR, database_name, drop_leftovers
+from bench.server import DATA_DIR, Server, database_name
 from orch8.config import Settings
-from orch8.database import resolve_dsn
 from orch8.engine.worker import Worker
 from orch8.migrate import migrate
 from orch8.store.claims import Owner
 
 
 def server_dsn() -> str:
-    """DATABASE_URL if set, else an embedded server in a scratch directory."""
-    url = os.environ.get("DATABASE_URL")
-    if url:
-        return url
-    dsn = resolve_dsn(None, str(DATA_DIR))
-    drop_leftovers(dsn)  # (see `Server.open`: only on the embedded server)
-    return dsn
+    """DATABASE_URL if set, else an embedded server in a scratch directory (`Server.open`,
+    which also drops the databases of runs no longer alive there)."""
+    return Server.open(DATA_DIR).dsn
 
 
 def scratch_database(server: str) -> str:

@@ -109,7 +109,7 @@ class Server:
             conn.execute(statement)
 
 
-# A name `Server` gives a database, its process id captured.
+# A name `database_name` gives, its process id captured.
 LEFTOVER = rf"^{PREFIX}_([0-9]+)_[0-9]+$"
 _COUNTER = itertools.count()
 

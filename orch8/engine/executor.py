@@ -45,8 +45,7 @@ log = logging.getLogger("orch8.engine.executor")
 
 T = TypeVar("T")
 # A claimed instance's definition, (sequence_name, sequence_version), read in C.
-_DEFINITION = operator.itemgetter(Claimed._fields.index("sequence_name"),
-                                  Claimed._fields.index("sequence_version"))
+_DEFINITION = operator.attrgetter("sequence_name", "sequence_version")
 WRITE_RETRY_S = (0.1, 0.5, 1.0, 2.0, 5.0)
 
 
