@@ -25,7 +25,7 @@ from orch8.engine.executor import Executor, Held, HeldConflict
 from orch8.engine.stats import WorkerStats
 from orch8.engine.worker import Worker
 from orch8.handlers.registry import default_registry
-from orch8.store import claims, nodes
+from orch8.store import claims, nodes, wire
 from orch8.store.claims import Owner
 from tests.engine_helpers import FAST, run_workers_until
 
@@ -188,11 +188,13 @@ def test_a_held_claim_that_does_not_commit_recorded_nothing(dsn: str, client: Cl
 async def hold_as_a_worker(conn: psycopg.AsyncConnection[Any], instance_id: uuid.UUID,
                            owner: Owner, stack: AsyncExitStack
                            ) -> Callable[[], Awaitable[Any]]:
-    """A held claim as a worker sends it (pipeline mode: BEGIN, the lock, a flush), left
+    """A held claim as a worker sends it (pipeline mode: BEGIN, the lock, a sync), left
     open: the worker froze before its write. Return what it sends once it thaws."""
-    pipeline = await stack.enter_async_context(conn.pipeline())
-    locked, _ = await claims.lock_due(conn, owner, 10)
-    assert [c.id for c in locked] == [instance_id]
+    pipeline = await stack.enter_async_context(wire.Pipeline(conn))
+    lock = claims.lock_due(pipeline, owner, 10)
+    await pipeline.sync()
+    assert [c.id for c in claims.locked(pipeline, lock)[0]] == [instance_id]
+    pipeline.send(b"SELECT 1")
     return pipeline.sync
 
 

@@ -26,7 +26,7 @@ from engine_helpers import finish_steps
 from psycopg.conninfo import make_conninfo
 
 from orch8.model import State
-from orch8.store import claims
+from orch8.store import claims, wire
 from orch8.store.claims import Owner, StepDone
 from orch8.store.instances import list_instances, queue_depth
 
@@ -140,11 +140,12 @@ async def held_claim(aconn: psycopg.AsyncConnection[Any], owner: Owner,
     """Lock up to `limit` due instances and complete them in the same transaction,
     pipelined, as a worker's held claim of one-step instant instances does (`lock_due`
     begins it, `settle_locked` commits it)."""
-    async with aconn.pipeline():
-        locked, _ = await claims.lock_due(aconn, owner, limit)
-        await claims.settle_locked(
-            aconn, owner, [(c.id, c.epoch, 1, True) for c in locked],
-            claims.step_rows(completed(locked)))
+    async with wire.Pipeline(aconn) as pipeline:
+        lock = claims.lock_due(pipeline, owner, limit)
+        await pipeline.sync()
+        locked, _ = claims.locked(pipeline, lock)
+        claims.settle_locked(pipeline, owner, [(c.id, c.epoch, 1, True) for c in locked],
+                             claims.step_rows(completed(locked)))
     return locked
 
 

@@ -37,7 +37,7 @@ from orch8.engine.stats import WorkerStats
 from orch8.handlers.context import StepContext
 from orch8.handlers.registry import Handler, Registry
 from orch8.model import Step
-from orch8.store import claims, rate_limits
+from orch8.store import claims, rate_limits, wire
 from orch8.store.claims import Claimed, Owner, Settled, StepDone, StepRow
 from orch8.store.sequences import Sequence, get_sequence
 
@@ -183,20 +183,23 @@ class Executor:
         a batch costs one round trip, not two.
         """
         held: Held | None = None  # the last claim written, until its commit is confirmed
-        commit: psycopg.AsyncCursor[Any] | None = None
+        commit: wire.Sent | None = None
         try:
-            async with conn.pipeline():
-                locked, keyed = await claims.lock_due(conn, owner, limit)
+            async with wire.Pipeline(conn) as pipeline:
+                lock = claims.lock_due(pipeline, owner, limit)
+                await pipeline.sync()
                 while True:
+                    locked, keyed = claims.locked(pipeline, lock)
                     settled, outputs, going_on = self._run_held(
                         locked, *await self._look_up(locked))
                     held = Held(limit, locked, keyed, going_on)
                     limit = more(held)
-                    commit = await claims.settle_locked(conn, owner, settled, outputs,
-                                                        self._settle_checked, chain=bool(limit))
+                    commit = claims.settle_locked(pipeline, owner, settled, outputs,
+                                                  self._settle_checked, chain=bool(limit))
                     if not limit:
                         break  # leaving the pipeline syncs it: the commit's reply comes back
-                    locked, keyed = await claims.lock_due(conn, owner, limit, begun=True)
+                    lock = claims.lock_due(pipeline, owner, limit, begun=True)
+                    await pipeline.sync()  # the write, its commit, the next lock: one trip
                     self._hand_over(held, taken)
                     held, commit = None, None
         except BaseException as error:

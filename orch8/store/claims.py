@@ -20,7 +20,7 @@ import orjson
 import psycopg
 from psycopg.rows import dict_row
 
-from orch8.store import sequences
+from orch8.store import sequences, wire
 
 
 class Claimed(NamedTuple):
@@ -287,15 +287,14 @@ def _claimed(row: tuple[Any, ...]) -> Claimed:
     return _CLAIMED_ROW(row[:_CLAIMED_COLUMNS])
 
 
-def _claimed_rows(cursor: Any) -> Any:
-    """A row factory (psycopg's protocol) for statements that return `Claimed` rows."""
-    return _CLAIMED_ROW
-
-
 def bounded(statement: str, limit: int) -> str:
     """A claim statement as sent for a claim of up to `limit`: a few texts in all
     (one per power of two), each prepared once per connection."""
-    return _with_bound(statement, 1 << max(limit - 1, 0).bit_length())
+    return _with_bound(statement, _bound(limit))
+
+
+def _bound(limit: int) -> int:
+    return 1 << max(limit - 1, 0).bit_length()
 
 
 @functools.cache
@@ -493,20 +492,28 @@ SELECT * FROM (
 """
 
 
-async def lock_due(conn: psycopg.AsyncConnection[Any], owner: Owner, limit: int,
-                   begun: bool = False) -> tuple[list[Claimed], int]:
-    """Begin a transaction on `conn` (in pipeline mode), unless `begun` (a chained commit
-    queued by `settle_locked` began it), and lock up to `limit` due instances in it, in
-    claim order; return the unkeyed ones and how many keyed ones were among them. What
-    was queued before it on `conn` is answered first, in order: a commit queued by
-    `settle_locked` is confirmed by the time this returns."""
+def lock_due(pipeline: wire.Pipeline, owner: Owner, limit: int,
+             begun: bool = False) -> wire.Sent:
+    """Queue, on `pipeline`, a BEGIN (unless `begun`: a chained commit queued by
+    `settle_locked` began the transaction) and the lock of up to `limit` due instances in
+    claim order; read it with `locked` once the pipeline has synced."""
     if not begun:
-        await conn.execute("BEGIN", prepare=False)
-    cursor = conn.cursor(row_factory=_claimed_rows)
-    await cursor.execute(bounded(LOCK_DUE, limit), claim_params(owner, limit))
-    rows = await cursor.fetchall()
-    locked = [claimed for claimed in rows if not claimed.keyed]
-    return locked, len(rows) - len(locked)
+        pipeline.send(b"BEGIN")
+    return pipeline.send(_lock_due(_bound(limit)), claim_params(owner, limit))
+
+
+def locked(pipeline: wire.Pipeline, sent: wire.Sent) -> tuple[list[Claimed], int]:
+    """What a synced `lock_due` locked: the unkeyed instances, and how many keyed ones
+    were among them (held too, for `claim_keyed` after the commit)."""
+    rows = pipeline.rows(sent, _CLAIMED_ROW)
+    unkeyed = [claimed for claimed in rows if not claimed.keyed]
+    return unkeyed, len(rows) - len(unkeyed)
+
+
+@functools.cache
+def _lock_due(bound: int) -> wire.Statement:
+    """`LOCK_DUE` for claims of up to `bound` (see `bounded`), as the wire sends it."""
+    return wire.Statement.of(f"lock_due_{bound}", _with_bound(LOCK_DUE, bound))
 
 
 # What a held run of locked instances came to, as `SETTLE_LOCKED` reads it: plain tuples,
@@ -561,27 +568,29 @@ WHERE o.id IN (SELECT id FROM settling)
 SETTLE_LOCKED_CHECKED = SETTLE_LOCKED.rstrip() + RECORD_OUTPUT
 
 
-async def settle_locked(conn: psycopg.AsyncConnection[Any], owner: Owner,
-                        settled: Sequence[Settled], outputs: Sequence[StepRow],
-                        checked: bool = False, chain: bool = False
-                        ) -> psycopg.AsyncCursor[Any]:
-    """Send the write of what the held run of locked instances came to (`LOCK_DUE`) and
-    the COMMIT, without waiting: in pipeline mode they go with whatever is sent next (the
-    next batch's `lock_due`, or a sync). Nothing is read back: rows this transaction
-    holds locked cannot change under it. Return the COMMIT's cursor (see `committed`).
+_SETTLE = wire.Statement.of("settle_locked", SETTLE_LOCKED)
+_SETTLE_CHECKED = wire.Statement.of("settle_locked_checked", SETTLE_LOCKED_CHECKED)
+
+
+def settle_locked(pipeline: wire.Pipeline, owner: Owner, settled: Sequence[Settled],
+                  outputs: Sequence[StepRow], checked: bool = False, chain: bool = False
+                  ) -> wire.Sent:
+    """Queue, on `pipeline`, the write of what the held run of locked instances came to
+    (`lock_due`) and the COMMIT: they go with whatever is synced next (the next batch's
+    lock, or the pipeline's end). Nothing is read back: rows this transaction holds
+    locked cannot change under it. Return the COMMIT (see `committed`).
 
     With `chain`, the commit begins the next held claim's transaction as well (`COMMIT
     AND CHAIN`; then `lock_due(..., begun=True)`): one statement fewer per batch while a
-    backlog lasts, each of which costs the worker a pass through psycopg's pipeline and
-    the event loop, and a write to the server's socket.
+    backlog lasts.
 
     Should an output be there all the same (a row written by hand, a bug), the write fails
     with `UniqueViolation` and the transaction records nothing; `checked` sends the write
     that rewrites such a row instead, as every other output write does."""
     if settled:
-        await conn.execute(SETTLE_LOCKED_CHECKED if checked else SETTLE_LOCKED,
-                           settle_params(owner, settled, outputs))
-    return await conn.execute("COMMIT AND CHAIN" if chain else "COMMIT", prepare=False)
+        pipeline.send(_SETTLE_CHECKED if checked else _SETTLE,
+                      settle_params(owner, settled, outputs))
+    return pipeline.send(b"COMMIT AND CHAIN" if chain else b"COMMIT")
 
 
 async def warm_up(conn: psycopg.AsyncConnection[Any], limit: int) -> None:
@@ -590,24 +599,29 @@ async def warm_up(conn: psycopg.AsyncConnection[Any], limit: int) -> None:
     definition look-up, once each, on no rows.
 
     A PostgreSQL session loads the catalog entries of each table, index and function the
-    first time one of its statements uses them, and a statement is parsed afresh until
-    psycopg prepares it (at its fifth run). Left to the first claim, that made its
-    transaction, rows locked, last 10.1 ms instead of 5.8 (a batch of 100 on a new
-    connection, medians of 12), on every new connection. Here it costs the same, once,
-    before any row is locked. The transaction commits, though it wrote nothing: psycopg
-    forgets its prepared statements at a rollback."""
+    first time one of its statements uses them, and each statement is parsed once per
+    connection. Left to the first claim, that made its transaction, rows locked, last 10.1
+    ms instead of 5.8 (a batch of 100 on a new connection, medians of 12), on every new
+    connection. Here it costs the same, once, before any row is locked."""
     owner = Owner("", uuid.UUID(int=0), 0)
-    async with conn.transaction():
-        await conn.execute(bounded(LOCK_DUE, limit), claim_params(owner, 0), prepare=True)
-        await conn.execute(SETTLE_LOCKED, settle_params(owner, (), ()), prepare=True)
-        await conn.execute(sequences.GET, {"name": "", "version": 0})
+    try:
+        async with wire.Pipeline(conn) as pipeline:
+            pipeline.send(b"BEGIN")
+            pipeline.send(_lock_due(_bound(limit)), claim_params(owner, 0))
+            pipeline.send(_SETTLE, settle_params(owner, (), ()))
+            pipeline.send(b"COMMIT")
+    except psycopg.Error:
+        if not conn.closed:
+            await conn.rollback()  # (the pool hands out only idle connections)
+        raise
+    await conn.execute(sequences.GET, {"name": "", "version": 0})
 
 
-def committed(commit: psycopg.AsyncCursor[Any] | psycopg.Cursor[Any]) -> bool:
-    """Whether the COMMIT sent on `commit` is known to have committed: its reply has
+def committed(commit: wire.Sent) -> bool:
+    """Whether the COMMIT queued as `commit` is known to have committed: its reply has
     come back without an error (a failure before it, or a lost reply, leaves none)."""
-    result = commit.pgresult
-    return result is not None and result.status == psycopg.pq.ExecStatus.COMMAND_OK
+    return commit.result is not None and (
+        commit.result.status == psycopg.pq.ExecStatus.COMMAND_OK)
 
 
 def settle_params(owner: Owner, settled: Sequence[Settled],

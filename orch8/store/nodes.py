@@ -213,10 +213,11 @@ WITH stale AS (
 ), ended AS (
     -- A dead node's worker sessions that hold a transaction open, waiting on their
     -- client, end too: a frozen worker's held claim (orch8.store.claims.LOCK_DUE) keeps
-    -- its rows locked until its transaction ends. (Its state reads `active`, not `idle in
-    -- transaction`: it is sent in pipeline mode, and the server reports a session idle
-    -- only at a sync.) Its other sessions stay, so that a late write from it is refused
-    -- by the fence like any other. Only sessions of our own role, which a role may end.
+    -- its rows locked until its transaction ends. (Its state may read `active`, not
+    -- `idle in transaction`: it is sent in pipeline mode, and the server reports a
+    -- session idle only at a sync.) Its other sessions stay, so that a late write from
+    -- it is refused by the fence like any other. Only sessions of our own role, which a
+    -- role may end.
     -- Each is waited for (up to a second): once the sweep returns, the rows it held are
     -- free for the workers its NOTIFY wakes.
     SELECT pg_terminate_backend(a.pid, 1000) FROM pg_stat_activity a
