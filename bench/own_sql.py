@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 import orjson
 import psycopg
@@ -67,7 +68,7 @@ def loop(signals: Signals, slot: int, dsn: str, batch: int) -> None:
                         signals.count(len(rows))  # its commit was answered before the rows
                         rows, commit = following, None
             except psycopg.Error as error:
-                if commit is not None and claims.committed(commit):
+                if commit is not None and committed(commit):
                     signals.count(len(rows))  # what failed came after this commit
                 if not claims.rolled_back(error):
                     raise
@@ -76,6 +77,12 @@ def loop(signals: Signals, slot: int, dsn: str, batch: int) -> None:
                 signals.count(len(rows))
             else:
                 time.sleep(0.005)
+
+
+def committed(commit: psycopg.Cursor[Any]) -> bool:
+    """Whether the COMMIT sent on `commit` has come back without an error."""
+    result = commit.pgresult
+    return result is not None and result.status == psycopg.pq.ExecStatus.COMMAND_OK
 
 
 def drain(dsn: str, batch: int, processes: int, count: int, timeout_s: float = 300,
