@@ -80,7 +80,8 @@ def loop(signals: Signals, slot: int, dsn: str, batch: int) -> None:
 
 
 def committed(commit: psycopg.Cursor[Any]) -> bool:
-    """Whether the COMMIT sent on `commit` has come back without an error."""
+    """Whether the COMMIT sent on `commit` has come back without an error (this loop
+    sends with psycopg's own pipeline; a worker's replies are `orch8.store.wire.Sent`)."""
     result = commit.pgresult
     return result is not None and result.status == psycopg.pq.ExecStatus.COMMAND_OK
 

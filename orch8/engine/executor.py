@@ -204,7 +204,7 @@ class Executor:
                     held, commit = None, None
         except BaseException as error:
             if held is not None:
-                if commit is not None and claims.committed(commit):
+                if commit is not None and commit.ok:  # (its reply came back: committed)
                     self._hand_over(held, taken)  # what failed came after its commit
                 else:
                     for run in held.going_on:

@@ -578,7 +578,7 @@ def settle_locked(pipeline: wire.Pipeline, owner: Owner, settled: Sequence[Settl
     """Queue, on `pipeline`, the write of what the held run of locked instances came to
     (`lock_due`) and the COMMIT: they go with whatever is synced next (the next batch's
     lock, or the pipeline's end). Nothing is read back: rows this transaction holds
-    locked cannot change under it. Return the COMMIT (see `committed`).
+    locked cannot change under it. Return the COMMIT: its `ok` says it committed.
 
     With `chain`, the commit begins the next held claim's transaction as well (`COMMIT
     AND CHAIN`; then `lock_due(..., begun=True)`): one statement fewer per batch while a
@@ -615,13 +615,6 @@ async def warm_up(conn: psycopg.AsyncConnection[Any], limit: int) -> None:
             await conn.rollback()  # (the pool hands out only idle connections)
         raise
     await conn.execute(sequences.GET, {"name": "", "version": 0})
-
-
-def committed(commit: wire.Sent) -> bool:
-    """Whether the COMMIT queued as `commit` is known to have committed: its reply has
-    come back without an error (a failure before it, or a lost reply, leaves none)."""
-    return commit.result is not None and (
-        commit.result.status == psycopg.pq.ExecStatus.COMMAND_OK)
 
 
 def settle_params(owner: Owner, settled: Sequence[Settled],

@@ -79,7 +79,8 @@ class Sent:
 
     @property
     def ok(self) -> bool:
-        """It ran without an error."""
+        """It ran without an error (for a COMMIT: it committed; one after an error in its
+        round trip was not run)."""
         return self.result is not None and self.result.status in _DONE
 
 
@@ -93,13 +94,9 @@ _prepared: weakref.WeakKeyDictionary[psycopg.AsyncConnection[Any], set[bytes]] =
 
 def _text(value: Any) -> bytes | None:
     """A parameter in PostgreSQL's text format (what the held claim sends: text, numbers,
-    UUIDs, documents already encoded)."""
+    UUIDs, documents already encoded as JSON text)."""
     if value is None:
         return None
-    if isinstance(value, bytes):
-        return value
-    if isinstance(value, bool):
-        return b"t" if value else b"f"
     if isinstance(value, (str, int, uuid.UUID)):
         return str(value).encode()
     raise TypeError(f"cannot send a {type(value).__name__} as a held claim's parameter")
