@@ -79,12 +79,12 @@ def cpu_seconds(server: psutil.Process) -> dict[str, float]:
 def drain(dsn: str, server: psutil.Process, settings: NodeSettings,
           count: int, root: Path = engine.ROOT) -> dict[str, float]:
     sequence = engine.new_sequence(dsn)
-    with engine.started(dsn, settings, root=root) as booting:
+    with engine.started(dsn, settings, root=root) as booting, engine.Watch(dsn) as watch:
         backlog = engine.Backlog(dsn, sequence, count)
         engine.ready(booting)
         before = cpu_seconds(server)
         released = backlog.release()
-        figure = engine.finish(dsn, backlog, released, timeout_s=300)
+        figure = engine.finish(dsn, watch, backlog, released, timeout_s=300)
         after = cpu_seconds(server)
     _check(figure, "the drain")
     used = {group: (after[group] - before[group]) * 1e6 / count for group in after}

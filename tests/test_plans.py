@@ -166,18 +166,22 @@ def finish(dsn: str, ids: list[uuid.UUID]) -> Plans:
 
 
 def claims_on_one_connection(dsn: str, limits: list[int], *, finish_each: bool = False,
-                             with_finish: bool = False, held: bool = False
+                             with_finish: bool = False, held: bool = False,
+                             warmed_for: int | None = None
                              ) -> tuple[list[int], Plans, list[tuple[str, int, int]]]:
     """Claim once per limit on one connection, as a worker does all day (completing each
     batch if `finish_each`, which frees its slots; or, `with_finish`, claiming each batch
     after the first with the statement that completes the one before it; or, `held`, in
-    held claims that complete what they lock); return how many each claim took, the
-    plans, and the connection's prepared statements with their generic and custom
-    plans."""
+    held claims that complete what they lock, on a connection first made ready for
+    claims of up to `warmed_for`, if given, as a worker's are); return how many each claim
+    took, the plans, and the connection's prepared statements with their generic and
+    custom plans."""
     async def run() -> tuple[list[int], Plans, list[tuple[str, int, int]]]:
         plans = Plans()
         async with await psycopg.AsyncConnection.connect(explaining(dsn),
                                                          autocommit=True) as aconn:
+            if warmed_for is not None:
+                await claims.warm_up(aconn, warmed_for)
             aconn.add_notice_handler(plans.hear)
             owner = Owner("n", uuid.uuid4(), 0)
             taken: list[int] = []
@@ -285,6 +289,30 @@ def test_a_worker_keeps_one_generic_claim_plan_that_reads_the_claim_index(dsn, c
     # psycopg prepares a statement on its sixth use; PostgreSQL plans the first five
     # prepared runs afresh, then compares.
     assert generic >= 1 and custom <= 5, (generic, custom)
+    assert plans.instance_reads() <= CLAIM_READS, plans.instance_reads()
+    assert "Index Scan on instances_claim_order" in plans.instance_reads()
+
+
+@pytest.mark.parametrize("statistics", [*STATISTICS, "analyzed with the work present"])
+def test_a_worker_connection_made_ready_runs_its_first_held_claims_on_the_kept_plan(
+        dsn, conn, statistics):
+    # `claims.warm_up` runs the held claim's lock and write on no rows until PostgreSQL
+    # keeps a plan for each: the claims that follow, the first ones included, are not
+    # planned afresh, and the kept plan reads what a fresh one reads.
+    prepare(conn, statistics)
+    add(conn, 20_000, every_priority=True)
+    if statistics == "analyzed with the work present":
+        conn.execute("ANALYZE instances")
+    limits = [50, 50, 41, 64, 33, 50]  # (one bound, 64: one lock statement)
+    taken, plans, prepared = claims_on_one_connection(dsn, limits, held=True, warmed_for=50)
+    assert taken == limits
+    runs = {("lock" if "AS keyed" in statement else "write"): (generic, custom)
+            for statement, generic, custom in prepared
+            if "AS keyed" in statement or "settled AS" in statement}
+    # Every run after the warm-up's five fresh plans on the kept plan: the warm-up's
+    # last one and each claim's.
+    assert runs == {"lock": (len(limits) + 1, claims.CUSTOM_PLANS),
+                    "write": (len(limits) + 1, claims.CUSTOM_PLANS)}, runs
     assert plans.instance_reads() <= CLAIM_READS, plans.instance_reads()
     assert "Index Scan on instances_claim_order" in plans.instance_reads()
 
