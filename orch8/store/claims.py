@@ -611,8 +611,8 @@ async def warm_up(conn: psycopg.AsyncConnection[Any], limit: int) -> None:
     connection. Its first five batches were then planned afresh as well: 0.2-0.35 ms for
     each lock and 0.35-0.6 ms for each write, against 0.04 and 0.15 on the kept plan
     (`log_min_duration_statement`, two workers draining 20,000 instances), about 2.5 ms
-    of the server's CPU per connection at the start of every drain. Here it all costs the same,
-    once, in one round trip, before any row is locked."""
+    of the server's CPU per new connection, spent on its first batches. Here it all costs
+    the same, once, in one round trip, before any row is locked."""
     owner = Owner("", uuid.UUID(int=0), 0)
     lock = _lock_due(_bound(limit))
     try:
