@@ -30,6 +30,7 @@ from orch8.store.claims import Owner
 
 STEP = NOOP[0]["id"]
 EMPTY = orjson.Fragment("{}")
+GENERIC_PLANS = claims.GENERIC_PLANS.decode()  # (each held claim's, as a worker sends it)
 
 # Read once, after the drain.
 LAST_FINISHED = "SELECT max(finished_at) FROM instances WHERE sequence_name = %(sequence)s"
@@ -51,6 +52,7 @@ def loop(signals: Signals, slot: int, dsn: str, batch: int) -> None:
             try:
                 with conn.pipeline():
                     conn.execute("BEGIN")
+                    conn.execute(GENERIC_PLANS)
                     rows = conn.execute(lock, params).fetchall()
                     while True:
                         # (As a held run of `noop` records them: see `claims.Settled`.)
@@ -64,6 +66,7 @@ def loop(signals: Signals, slot: int, dsn: str, batch: int) -> None:
                         commit = conn.execute("COMMIT AND CHAIN" if chain else "COMMIT")
                         if not chain:
                             break  # leaving the pipeline syncs it
+                        conn.execute(GENERIC_PLANS)
                         following = conn.execute(lock, params).fetchall()
                         signals.count(len(rows))  # its commit was answered before the rows
                         rows, commit = following, None

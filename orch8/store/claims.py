@@ -492,13 +492,28 @@ SELECT * FROM (
 """
 
 
+# A held claim's transaction runs its statements on the plan PostgreSQL makes for any
+# values (a generic plan), from their first run. Left to choose, PostgreSQL plans a
+# prepared statement's first five runs for the values at hand (a new connection's first
+# five batches: 0.2-0.35 ms per lock, 0.35-0.6 per write, against 0.04 and 0.15 on the
+# generic plan), then compares the two: the generic plan is costed for `bound` rows (see
+# `BOUNDED_CANDIDATES`), the other for the limit, so once a row costs more than PostgreSQL
+# allows for planning (a large table, analyzed), it plans the lock afresh at every batch
+# (with 10^6 rows of history, ten claims of ten). The plan is the same either way: the
+# claim-order index read in order (`tests/test_plans.py`, under five kinds of statistics).
+# `SET LOCAL` ends with the transaction: nothing else on the connection is affected.
+GENERIC_PLANS = b"SET LOCAL plan_cache_mode = force_generic_plan"
+
+
 def lock_due(pipeline: wire.Pipeline, owner: Owner, limit: int,
              begun: bool = False) -> wire.Sent:
     """Queue, on `pipeline`, a BEGIN (unless `begun`: a chained commit queued by
-    `settle_locked` began the transaction) and the lock of up to `limit` due instances in
-    claim order; read it with `locked` once the pipeline has synced."""
+    `settle_locked` began the transaction), the transaction's generic plans
+    (`GENERIC_PLANS`) and the lock of up to `limit` due instances in claim order; read it
+    with `locked` once the pipeline has synced."""
     if not begun:
         pipeline.send(b"BEGIN")
+    pipeline.send(GENERIC_PLANS)
     return pipeline.send(_lock_due(_bound(limit)), claim_params(owner, limit))
 
 
@@ -593,34 +608,25 @@ def settle_locked(pipeline: wire.Pipeline, owner: Owner, settled: Sequence[Settl
     return pipeline.send(b"COMMIT AND CHAIN" if chain else b"COMMIT")
 
 
-# PostgreSQL plans each of a prepared statement's first five runs for its parameters'
-# values, then weighs one plan for any values against them, and for these statements
-# keeps it (see `BOUNDED_CANDIDATES`; `tests/test_plans.py` holds it to that).
-CUSTOM_PLANS = 5
-
-
 async def warm_up(conn: psycopg.AsyncConnection[Any], limit: int) -> None:
     """Make a worker's new connection ready for held claims of up to `limit` before it
     holds a lock: prepare and run their statements (`LOCK_DUE`, `SETTLE_LOCKED`) on no
-    rows until PostgreSQL keeps one plan for each, and run the definition look-up once.
+    rows, which makes their generic plans (`GENERIC_PLANS`), and run the definition
+    look-up once.
 
     A PostgreSQL session loads the catalog entries of each table, index and function the
-    first time one of its statements uses them, and each statement is parsed once per
-    connection. Left to the first claim, that made its transaction, rows locked, last 10.1
-    ms instead of 5.8 (a batch of 100 on a new connection, medians of 12), on every new
-    connection. Its first five batches were then planned afresh as well: 0.2-0.35 ms for
-    each lock and 0.35-0.6 ms for each write, against 0.04 and 0.15 on the kept plan
-    (`log_min_duration_statement`, two workers draining 20,000 instances), about 2.5 ms
-    of the server's CPU per new connection, spent on its first batches. Here it all costs
-    the same, once, in one round trip, before any row is locked."""
+    first time one of its statements uses them, each statement is parsed once per
+    connection, and each generic plan made once. Left to the first claim, that made its
+    transaction, rows locked, last 10.1 ms instead of 5.8 (a batch of 100 on a new
+    connection, medians of 12), on every new connection. Here it costs the same, once,
+    before any row is locked."""
     owner = Owner("", uuid.UUID(int=0), 0)
-    lock = _lock_due(_bound(limit))
     try:
         async with wire.Pipeline(conn) as pipeline:
             pipeline.send(b"BEGIN")
-            for _ in range(CUSTOM_PLANS + 1):  # (the last run makes the kept plan)
-                pipeline.send(lock, claim_params(owner, 0))
-                pipeline.send(_SETTLE, settle_params(owner, (), ()))
+            pipeline.send(GENERIC_PLANS)
+            pipeline.send(_lock_due(_bound(limit)), claim_params(owner, 0))
+            pipeline.send(_SETTLE, settle_params(owner, (), ()))
             pipeline.send(b"COMMIT")
     except psycopg.Error:
         if not conn.closed:
