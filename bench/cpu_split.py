@@ -84,7 +84,7 @@ def drain(dsn: str, server: psutil.Process, settings: NodeSettings,
         engine.ready(booting)
         before = cpu_seconds(server)
         released = backlog.release()
-        figure = engine.finish(dsn, watch, backlog, released, timeout_s=300)
+        figure = engine.finish(watch, backlog, released, timeout_s=300)
         after = cpu_seconds(server)
     _check(figure, "the drain")
     used = {group: (after[group] - before[group]) * 1e6 / count for group in after}

@@ -214,6 +214,11 @@ class Watch:
                                             "elsewhere": ELSEWHERE}).fetchone()
         return row is not None and not row[0]
 
+    def tally(self, sequence: str) -> tuple[int, datetime | None]:
+        """How many instances of `sequence` completed, and the last one's `finished_at`."""
+        row = self._conn.execute(TALLY, {"sequence": sequence}).fetchone()
+        return (row[0], row[1]) if row else (0, None)
+
     def wait(self, timeout_s: float, priority: int = NORMAL) -> bool:
         """Probe every 20 ms until `drained`; False if `timeout_s` passed first."""
         deadline = time.monotonic() + timeout_s
@@ -230,14 +235,12 @@ def wait_drained(dsn: str, timeout_s: float, priority: int = NORMAL) -> bool:
         return watch.wait(timeout_s, priority)
 
 
-def finish(dsn: str, watch: Watch, backlog: Backlog, released: datetime, timeout_s: float,
+def finish(watch: Watch, backlog: Backlog, released: datetime, timeout_s: float,
            steps: int = 1) -> Figure:
     """Wait for `backlog` to drain (`watch`, started before its release); its rate from
     the release to the last completion."""
     complete = watch.wait(timeout_s)
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        row = conn.execute(TALLY, {"sequence": backlog.sequence}).fetchone()
-    completed, last = row if row else (0, None)
+    completed, last = watch.tally(backlog.sequence)
     seconds = (last - released).total_seconds() if last else float("nan")
     return Figure(count=backlog.count, completed=completed, seconds=seconds,
                   complete=complete and completed == backlog.count, steps=steps)
@@ -251,7 +254,7 @@ def drain(dsn: str, settings: NodeSettings, count: int, *, nodes: int = 1,
         backlog = Backlog(dsn, sequence, count)
         ready(booting)
         released = backlog.release()
-        return finish(dsn, watch, backlog, released, timeout_s, steps=len(steps))
+        return finish(watch, backlog, released, timeout_s, steps=len(steps))
 
 
 def drain_running(dsn: str, count: int, steps: Sequence[dict[str, Any]] = NOOP,
@@ -260,7 +263,7 @@ def drain_running(dsn: str, count: int, steps: Sequence[dict[str, Any]] = NOOP,
     with Watch(dsn) as watch:
         backlog = Backlog(dsn, new_sequence(dsn, steps), count)
         released = backlog.release()
-        return finish(dsn, watch, backlog, released, timeout_s, steps=len(steps))
+        return finish(watch, backlog, released, timeout_s, steps=len(steps))
 
 
 def new_sequence(dsn: str, steps: Sequence[dict[str, Any]] = NOOP) -> str:

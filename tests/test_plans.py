@@ -45,6 +45,10 @@ CLAIM_READS = {"Index Scan on instances_claim_order", "Index Scan on instances_p
 
 # Statistics the planner may see when the work arrives.
 STATISTICS = ["analyzed empty", "analyzed full of history", "fresh"]
+# Statistics taken once the work is there (autovacuum analyzes during a long backlog),
+# without or with a large history.
+WORK_ANALYZED = "analyzed with the work present"
+HISTORY_ANALYZED = "analyzed with 10^6 rows of history"
 
 
 def explaining(dsn: str) -> str:
@@ -104,6 +108,18 @@ def add(conn: psycopg.Connection[Any], count: int, *, state: str = "scheduled",
                     ELSE now() + interval '3 hours' + g * interval '1 ms' END
         FROM generate_series(1, %(count)s) AS g""",
                  {"state": state, "due": due, "every_priority": every_priority, "count": count})
+
+
+def add_due_work(conn: psycopg.Connection[Any], statistics: str) -> None:
+    """20,000 due instances at every priority, under the statistics named (`STATISTICS`,
+    `WORK_ANALYZED` or `HISTORY_ANALYZED`)."""
+    if statistics == HISTORY_ANALYZED:
+        add(conn, 1_000_000, state="completed", every_priority=True)
+    else:
+        prepare(conn, statistics)
+    add(conn, 20_000, every_priority=True)
+    if statistics in (WORK_ANALYZED, HISTORY_ANALYZED):
+        conn.execute("ANALYZE instances")
 
 
 def add_future_rows(conn: psycopg.Connection[Any]) -> None:
@@ -268,7 +284,7 @@ CLAIMING = {
 
 
 @pytest.mark.parametrize("claiming", CLAIMING)
-@pytest.mark.parametrize("statistics", [*STATISTICS, "analyzed with the work present"])
+@pytest.mark.parametrize("statistics", [*STATISTICS, WORK_ANALYZED])
 def test_a_worker_keeps_one_generic_claim_plan_that_reads_the_claim_index(dsn, conn, statistics,
                                                                           claiming):
     # A worker claims on the same connections all day, with limits that vary with its free
@@ -277,10 +293,7 @@ def test_a_worker_keeps_one_generic_claim_plan_that_reads_the_claim_index(dsn, c
     # Statistics that know the backlog (autovacuum analyzes during a long one) are what
     # used to make every claim planned afresh. The same holds for the statement that
     # finishes a batch and claims the next, which must also find what it finishes by id.
-    prepare(conn, statistics)
-    add(conn, 20_000, every_priority=True)
-    if statistics == "analyzed with the work present":
-        conn.execute("ANALYZE instances")
+    add_due_work(conn, statistics)
     limits = [50, 33, 41, 64, 50, 37, 50, 45, 58, 50, 36, 50, 50, 44, 50]
     how, is_claim = CLAIMING[claiming]
     taken, plans, prepared = claims_on_one_connection(dsn, limits, **how)
@@ -293,21 +306,14 @@ def test_a_worker_keeps_one_generic_claim_plan_that_reads_the_claim_index(dsn, c
     assert "Index Scan on instances_claim_order" in plans.instance_reads()
 
 
-@pytest.mark.parametrize("statistics", [*STATISTICS, "analyzed with the work present",
-                                        "analyzed with 10^6 rows of history"])
+@pytest.mark.parametrize("statistics", [*STATISTICS, WORK_ANALYZED, HISTORY_ANALYZED])
 def test_held_claims_run_on_generic_plans_from_the_first(dsn, conn, statistics):
     # A held claim's transaction asks for generic plans (`claims.GENERIC_PLANS`), and a
     # worker's connection makes them before its first claim (`claims.warm_up`): no claim
     # is planned for its values, the first ones included, whatever PostgreSQL would have
     # chosen (with 10^6 rows of history it used to plan every lock afresh); and the
     # generic plan reads what a fresh one reads.
-    if statistics == "analyzed with 10^6 rows of history":
-        add(conn, 1_000_000, state="completed", every_priority=True)
-    else:
-        prepare(conn, statistics)
-    add(conn, 20_000, every_priority=True)
-    if statistics.startswith("analyzed with"):
-        conn.execute("ANALYZE instances")
+    add_due_work(conn, statistics)
     limits = [50, 50, 41, 64, 33, 50, 50, 50]  # (one bound, 64: one lock statement)
     taken, plans, prepared = claims_on_one_connection(dsn, limits, held=True, warmed_for=50)
     assert taken == limits
