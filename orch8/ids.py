@@ -32,8 +32,17 @@ def uuid7_many(count: int) -> list[uuid.UUID]:
     milliseconds = time.time_ns() // 1_000_000
     head = (milliseconds & ((1 << 48) - 1)) << 80 | _VERSION_AND_VARIANT
     random = os.urandom(10 * count)
-    return [uuid.UUID(int=head | int.from_bytes(random[at:at + 10]) & _RANDOM_BITS)
-            for at in range(0, 10 * count, 10)]
+    # What `uuid.UUID(int=...)` does once its range check passes (and what Python 3.14's
+    # own `uuid7` does): these values are in range by construction, and the check and
+    # the keyword call were half the cost of a batch's ids (1.7 against 0.8 µs an id).
+    new, assign, safety = object.__new__, object.__setattr__, uuid.SafeUUID.unknown
+    ids = []
+    for at in range(0, 10 * count, 10):
+        made = new(uuid.UUID)
+        assign(made, "int", head | int.from_bytes(random[at:at + 10]) & _RANDOM_BITS)
+        assign(made, "is_safe", safety)
+        ids.append(made)
+    return ids
 
 
 def new_node_id() -> NodeId:

@@ -31,25 +31,20 @@ def parse_new_instance(body: Any) -> NewInstance:
     """Check an instance request (a JSON object); raise `DefinitionError` naming the field."""
     if not isinstance(body, dict):
         raise DefinitionError("body", "must be a JSON object")
-    unknown = body.keys() - INSTANCE_FIELDS
-    if unknown:
-        raise DefinitionError(sorted(unknown)[0], "unknown field")
+    # Most requests in a batch carry only a sequence, an input and a delay: for them the
+    # unknown-field search and the optional fields' checks would each find nothing.
+    plain = body.keys() <= PLAIN_FIELDS
+    if not plain:
+        unknown = body.keys() - INSTANCE_FIELDS
+        if unknown:
+            raise DefinitionError(sorted(unknown)[0], "unknown field")
     sequence = parse_name(body.get("sequence"), "sequence")
-    data = body.get("input", {})
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise DefinitionError("input", "must be a JSON object")
-    check_depth(data, "input")  # before encoding it: orjson refuses deep values with an error
-    if len(orjson.dumps(data)) > MAX_INPUT_BYTES:
-        raise DefinitionError("input", f"must encode to at most {MAX_INPUT_BYTES} bytes")
-    if "delay_ms" in body and "run_at" in body:
-        raise DefinitionError("run_at", "give delay_ms or run_at, not both")
-    if body.keys() <= PLAIN_FIELDS:
-        # Only a sequence, an input and a delay (most requests in a batch): the optional
-        # fields' checks would each find nothing.
+    data = _input(body.get("input"))
+    if plain:
         return NewInstance(sequence, data,
                            delay_ms=_optional_int(body, "delay_ms", 0, MAX_MS) or 0)
+    if "delay_ms" in body and "run_at" in body:
+        raise DefinitionError("run_at", "give delay_ms or run_at, not both")
     key = _optional_key(body, "concurrency_key")
     limit = _optional_int(body, "max_concurrency", 1, MAX_CONCURRENCY)
     if (key is None) != (limit is None):
@@ -65,6 +60,18 @@ def parse_new_instance(body: Any) -> NewInstance:
         concurrency_key=key,
         max_concurrency=limit,
     )
+
+
+def _input(data: Any) -> dict[str, Any]:
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise DefinitionError("input", "must be a JSON object")
+    if data:  # (an empty object is neither deep nor large)
+        check_depth(data, "input")  # before encoding it: orjson refuses deep values with an error
+        if len(orjson.dumps(data)) > MAX_INPUT_BYTES:
+            raise DefinitionError("input", f"must encode to at most {MAX_INPUT_BYTES} bytes")
+    return data
 
 
 def _optional_int(body: dict[str, Any], name: str, low: int, high: int) -> int | None:

@@ -83,14 +83,14 @@ def test_max_concurrency_is_bounded():
 
 @pytest.mark.parametrize("body, expected", [
     # The plain requests (sequence, input, delay) and every field beside them.
-    ({"sequence": "s"}, NewInstance("s")),
+    ({"sequence": "s"}, NewInstance("s", {})),
     ({"sequence": "s", "input": None, "delay_ms": 5}, NewInstance("s", {}, delay_ms=5)),
     ({"sequence": "s", "input": {"a": [1]}}, NewInstance("s", {"a": [1]})),
-    ({"sequence": "s", "priority": "high"}, NewInstance("s", priority=Priority.HIGH)),
-    ({"sequence": "s", "version": 2}, NewInstance("s", version=2)),
-    ({"sequence": "s", "idempotency_key": "k"}, NewInstance("s", idempotency_key="k")),
+    ({"sequence": "s", "priority": "high"}, NewInstance("s", {}, priority=Priority.HIGH)),
+    ({"sequence": "s", "version": 2}, NewInstance("s", {}, version=2)),
+    ({"sequence": "s", "idempotency_key": "k"}, NewInstance("s", {}, idempotency_key="k")),
     ({"sequence": "s", "concurrency_key": "k", "max_concurrency": 3},
-     NewInstance("s", concurrency_key="k", max_concurrency=3)),
+     NewInstance("s", {}, concurrency_key="k", max_concurrency=3)),
 ])
 def test_every_field_a_request_sets_is_kept(body, expected):
     assert parse_new_instance(body) == expected

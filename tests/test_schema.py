@@ -57,3 +57,7 @@ def test_uuid7_many_gives_distinct_version_7_ids_in_time_order():
     # The 48-bit millisecond prefix: one clock read per batch, never behind a later id.
     assert len({u.int >> 80 for u in first}) == 1
     assert first[0].int >> 80 <= later.int >> 80
+    # Built without UUID's constructor: each must be the UUID its text reads as, whole.
+    for u in first[:10]:
+        again = uuid.UUID(str(u))
+        assert (u == again, hash(u) == hash(again), u.is_safe) == (True, True, again.is_safe)

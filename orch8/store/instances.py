@@ -6,9 +6,9 @@ The worker's side of the table (the claim and the fenced writes) is in `claims.p
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -18,23 +18,36 @@ from orch8.model import Priority, State
 from orch8.store.query import Query, Row
 
 
-@dataclass(frozen=True)
-class NewInstance:
-    """What a caller asks for; validated by `orch8.requests` or the client before it gets here."""
+class NewInstance(NamedTuple):
+    """What a caller asks for; validated by `orch8.requests` or the client before it gets here.
+
+    Immutable like the rows here, but a named tuple rather than a frozen dataclass (as
+    `claims.Claimed` is): a batch builds up to 10,000 of them, and a frozen dataclass's
+    `__init__`, one `object.__setattr__` per field, cost 3.0 µs a request against the
+    tuple's 0.9 on the development machine, a third of `Client.start_many`'s own work.
+    The optional fields come last, in `OPTIONAL_FIELDS`' order.
+    """
 
     sequence: str
-    input: dict[str, Any] = field(default_factory=dict)
-    version: int | None = None
+    input: dict[str, Any]
     priority: Priority = Priority.NORMAL
     delay_ms: int = 0
+    version: int | None = None
     run_at: datetime | None = None
     idempotency_key: str | None = None
     concurrency_key: str | None = None
     max_concurrency: int | None = None
 
 
-@dataclass(frozen=True)
-class Created:
+# The fields a request may leave out (None): a request's own values are `request[4:]`.
+OPTIONAL_FIELDS = NewInstance._fields[4:]
+NO_OPTIONS = (None,) * len(OPTIONAL_FIELDS)
+
+
+class Created(NamedTuple):
+    """One created instance, or the one that already held its idempotency key (a named
+    tuple for the reason `NewInstance` is one: a batch answers with one per request)."""
+
     id: uuid.UUID
     deduplicated: bool
 
@@ -255,10 +268,10 @@ def _request_json(new_id: uuid.UUID, request: NewInstance) -> dict[str, Any]:
                               "priority": int(request.priority), "input": request.input}
     if request.delay_ms:
         fields["delay_ms"] = request.delay_ms
-    for name in ("version", "run_at", "idempotency_key", "concurrency_key", "max_concurrency"):
-        value = getattr(request, name)
-        if value is not None:
-            fields[name] = value
+    options = request[4:]
+    if options != NO_OPTIONS:
+        fields.update((name, value) for name, value in zip(OPTIONAL_FIELDS, options,
+                                                           strict=True) if value is not None)
     return fields
 
 
