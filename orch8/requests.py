@@ -41,8 +41,8 @@ def parse_new_instance(body: Any) -> NewInstance:
     sequence = parse_name(body.get("sequence"), "sequence")
     data = _input(body.get("input"))
     if plain:
-        return NewInstance(sequence, data,
-                           delay_ms=_optional_int(body, "delay_ms", 0, MAX_MS) or 0)
+        return NewInstance(sequence, data, Priority.NORMAL,
+                           _optional_int(body, "delay_ms", 0, MAX_MS) or 0)
     if "delay_ms" in body and "run_at" in body:
         raise DefinitionError("run_at", "give delay_ms or run_at, not both")
     key = _optional_key(body, "concurrency_key")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 import pytest
 
 from orch8 import Client
 from orch8.errors import DefinitionError, NotFound
-from orch8.model import MAX_JSON_DEPTH
+from orch8.model import MAX_JSON_DEPTH, Priority
 
 
 def test_client_without_a_dsn_reads_database_url(dsn, monkeypatch):
@@ -58,3 +60,26 @@ def test_start_many_keeps_idempotency_keys_within_and_across_batches(dsn):
         assert created[2].id == created[0].id and created[3].id == first.id
         assert client.get(created[0].id).input == {"n": 1}
         assert len(client.list()) == 3
+
+
+def test_start_many_stores_every_field_a_request_sets(dsn):
+    # A batch travels as arrays read by position: each field must land in its own column.
+    with Client(dsn) as client:
+        for _ in range(2):
+            client.create_sequence("fields", [{"id": "a", "handler": "noop"}])
+        moment = datetime(2030, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+        created = client.start_many([
+            {"sequence": "fields", "input": {"n": 1}, "priority": "high", "version": 1,
+             "run_at": moment.isoformat(), "idempotency_key": "k", "concurrency_key": "c",
+             "max_concurrency": 2},
+            {"sequence": "fields", "input": {"n": 2}, "delay_ms": 3_600_000},
+        ])
+        first, second = (client.get(c.id) for c in created)
+        assert (first.input, first.priority, first.sequence_version, first.next_fire_at,
+                first.idempotency_key, first.concurrency_key, first.max_concurrency) == (
+            {"n": 1}, Priority.HIGH, 1, moment, "k", "c", 2)
+        assert (second.input, second.priority, second.sequence_version, second.idempotency_key,
+                second.concurrency_key, second.max_concurrency) == (
+            {"n": 2}, Priority.NORMAL, 2, None, None, None)
+        # Both times are the inserting transaction's now(): the delay, exactly.
+        assert second.next_fire_at - second.created_at == timedelta(hours=1)
