@@ -235,30 +235,38 @@ def create_instances(requests: list[NewInstance]) -> Query[list[Created]]:
         inserted = {row["id"] for row in rows if row["kind"] == "inserted"}
         holders = {row["key"]: row["id"] for row in rows if row["kind"] == "existing"}
         unknown = {(row["sequence"], row["version"]) for row in rows if row["kind"] == "unknown"}
-        for request in requests if unknown else ():
-            if (request.sequence, request.version) in unknown:
-                raise NotFound(f"no sequence {_shown(request)}")
+        if unknown:
+            for request in requests:
+                if (request.sequence, request.version) in unknown:
+                    raise NotFound(f"no sequence {_shown(request)}")
         counted = next(row["version"] for row in rows if row["kind"] == "count")
         if counted == len(requests):  # every request inserted (the ids are new)
             return [Created(new_id, False) for new_id in ids]
-        unkeyed = sum(1 for request in requests if request.idempotency_key is None)
-        if counted != unkeyed + len(inserted):  # ids are new: a request without a key is in
-            raise RuntimeError(f"batch insert: {counted} rows for {unkeyed} unkeyed requests "
-                               f"and {len(inserted)} keyed ones")
-        created = []
-        for new_id, request in zip(ids, requests, strict=True):
-            key = request.idempotency_key
-            if key is None or new_id in inserted:
-                created.append(Created(new_id, False))
-                if key is not None:
-                    holders[key] = new_id  # later requests with this key get this one
-            elif key in holders:
-                created.append(Created(holders[key], True))
-            else:
-                raise Conflict("idempotency key is being used by a concurrent request; retry")
-        return created
+        return _matched(ids, requests, counted, inserted, holders)
 
     return Query(CREATE_MANY, {"batch": batch}, read)
+
+
+def _matched(ids: list[uuid.UUID], requests: list[NewInstance], counted: int,
+             inserted: set[uuid.UUID], holders: dict[str, uuid.UUID]) -> list[Created]:
+    """A batch some requests of which were not inserted: each request's own new instance,
+    or the one that held its key (before the batch or earlier in it)."""
+    unkeyed = sum(1 for request in requests if request.idempotency_key is None)
+    if counted != unkeyed + len(inserted):  # ids are new: a request without a key is in
+        raise RuntimeError(f"batch insert: {counted} rows for {unkeyed} unkeyed requests "
+                           f"and {len(inserted)} keyed ones")
+    created = []
+    for new_id, request in zip(ids, requests, strict=True):
+        key = request.idempotency_key
+        if key is None or new_id in inserted:
+            created.append(Created(new_id, False))
+            if key is not None:
+                holders[key] = new_id  # later requests with this key get this one
+        elif key in holders:
+            created.append(Created(holders[key], True))
+        else:
+            raise Conflict("idempotency key is being used by a concurrent request; retry")
+    return created
 
 
 def _shown(request: NewInstance) -> str:
