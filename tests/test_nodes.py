@@ -149,6 +149,21 @@ def test_an_id_held_by_a_live_node_is_refused(dsn: str, conn: psycopg.Connection
     assert running(conn) == 2, "the holder's claims are untouched"
 
 
+def test_a_heartbeat_newer_than_the_reader_reads_as_just_now(
+        dsn: str, conn: psycopg.Connection[Any]) -> None:
+    # A reader's now() is when its transaction began; a heartbeat committed after that
+    # (the registration waits for the row's lock) once read as "-0.0s ago".
+    incarnation = register(conn, "n1").incarnation
+    with psycopg.connect(dsn) as reader:
+        began = reader.execute("SELECT now()").fetchone()[0]
+        nodes.heartbeat("n1", incarnation, {}, False).run(conn)
+        beat = conn.execute("SELECT last_heartbeat FROM cluster_nodes").fetchone()[0]
+        assert beat > began
+        [silent] = reader.execute(nodes.LOCK_PREVIOUS, {"node_id": "n1"}).fetchone()[-1:]
+        [listed] = nodes.list_nodes().run(reader)
+    assert (silent, listed.heartbeat_age_s) == (0.0, 0.0)
+
+
 @pytest.mark.parametrize("how", ["dead", "gone"])
 def test_an_id_whose_holder_is_dead_or_known_gone_is_taken_over(
         dsn: str, conn: psycopg.Connection[Any], how: str) -> None:

@@ -49,7 +49,9 @@ class Holder:
     hostname: str
     pid: int
     last_heartbeat: datetime
-    # Seconds since that heartbeat, by the database's clock.
+    # Seconds since that heartbeat, by the database's clock: its now(), the start of the
+    # reading transaction, so a heartbeat committed since (this statement waits for the
+    # row's lock) would read negative; it reads as 0.
     silent_s: float
 
 
@@ -60,7 +62,7 @@ class Holder:
 # claim reads this row FOR KEY SHARE: orch8.store.claims).
 LOCK_PREVIOUS = """
 SELECT incarnation, state, hostname, pid, last_heartbeat,
-       extract(epoch FROM now() - last_heartbeat)::float8 AS silent_s
+       greatest(extract(epoch FROM now() - last_heartbeat), 0)::float8 AS silent_s
 FROM cluster_nodes WHERE id = %(node_id)s FOR UPDATE
 """
 UPSERT = """
@@ -282,7 +284,7 @@ LIST_NODES = """
 SELECT n.id, n.hostname, n.started_at, n.last_heartbeat, n.state, n.workers,
        (SELECT count(*) FROM instances i
         WHERE i.state = 'running' AND i.claim_incarnation = n.incarnation) AS instances_claimed,
-       extract(epoch FROM now() - n.last_heartbeat)::float8 AS heartbeat_age_s,
+       greatest(extract(epoch FROM now() - n.last_heartbeat), 0)::float8 AS heartbeat_age_s,
        (n.stats ->> 'workers_alive')::int AS workers_alive
 FROM cluster_nodes n
 ORDER BY n.id
