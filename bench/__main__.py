@@ -76,6 +76,23 @@ def main(argv: list[str] | None = None) -> int:
         _fail(f"{type(error).__name__}: {error}", 1)
 
 
+# Where the files go and where the embedded server keeps its data are paths on the
+# machine that ran, not settings of what was measured: the recorded command leaves them out.
+PLACES = ("--out", "--data-dir")
+
+
+def recorded_command(argv: list[str]) -> str:
+    """The command line as a report records it, without `PLACES` and their values."""
+    shown: list[str] = []
+    arguments = iter(argv)
+    for argument in arguments:
+        if argument in PLACES:
+            next(arguments, None)  # its value
+        elif not argument.startswith(tuple(f"{place}=" for place in PLACES)):
+            shown.append(argument)
+    return " ".join(["python -m bench", *shown])
+
+
 def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
     reps = args.reps or (1 if args.quick else 3)
     chosen = ORDER if args.scenario == "all" else (args.scenario,)
@@ -83,7 +100,7 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
     context = Context(server, args.quick, reps, args.size)
     started, clock = datetime.now(UTC), time.monotonic()
     facts = server.facts()
-    command = " ".join(["python -m bench", *(argv if argv is not None else sys.argv[1:])])
+    command = recorded_command(argv if argv is not None else sys.argv[1:])
     runs: dict[str, Run] = {}
     try:
         for name in chosen:

@@ -77,3 +77,11 @@ def test_markdown_and_plots_are_written(quick_run):
     plots = sorted(path.name for path in out.glob("*.png"))
     assert plots == ["bench-all-latency.png", "bench-all-scale.png", "bench-all-throughput.png"]
     assert all((out / name).read_bytes().startswith(b"\x89PNG\r\n") for name in plots)
+
+
+def test_the_recorded_command_names_no_path_of_this_machine(quick_run):
+    # The output directory (a temporary one here) is where the files went, not a setting.
+    _, out = quick_run
+    document = json.loads((out / "bench-all.json").read_text())
+    assert document["command"] == "python -m bench all --quick"
+    assert str(out) not in (out / "bench-all.md").read_text()

@@ -232,8 +232,6 @@ def create_instances(requests: list[NewInstance]) -> Query[list[Created]]:
                                                                        strict=True)]).decode()
 
     def read(rows: list[Row]) -> list[Created]:
-        inserted = {row["id"] for row in rows if row["kind"] == "inserted"}
-        holders = {row["key"]: row["id"] for row in rows if row["kind"] == "existing"}
         unknown = {(row["sequence"], row["version"]) for row in rows if row["kind"] == "unknown"}
         if unknown:
             for request in requests:
@@ -242,15 +240,18 @@ def create_instances(requests: list[NewInstance]) -> Query[list[Created]]:
         counted = next(row["version"] for row in rows if row["kind"] == "count")
         if counted == len(requests):  # every request inserted (the ids are new)
             return [Created(new_id, False) for new_id in ids]
-        return _matched(ids, requests, counted, inserted, holders)
+        return _matched(ids, requests, rows, counted)
 
     return Query(CREATE_MANY, {"batch": batch}, read)
 
 
-def _matched(ids: list[uuid.UUID], requests: list[NewInstance], counted: int,
-             inserted: set[uuid.UUID], holders: dict[str, uuid.UUID]) -> list[Created]:
-    """A batch some requests of which were not inserted: each request's own new instance,
-    or the one that held its key (before the batch or earlier in it)."""
+def _matched(ids: list[uuid.UUID], requests: list[NewInstance], rows: list[Row],
+             counted: int) -> list[Created]:
+    """A batch some requests of which were not inserted (`CREATE_MANY`'s answer in
+    `rows`): each request's own new instance, or the one that held its key (before the
+    batch or earlier in it)."""
+    inserted = {row["id"] for row in rows if row["kind"] == "inserted"}
+    holders = {row["key"]: row["id"] for row in rows if row["kind"] == "existing"}
     unkeyed = sum(1 for request in requests if request.idempotency_key is None)
     if counted != unkeyed + len(inserted):  # ids are new: a request without a key is in
         raise RuntimeError(f"batch insert: {counted} rows for {unkeyed} unkeyed requests "
