@@ -3,13 +3,15 @@
     python bench/running_table.py [--calls 200000] [--runs 5]
     python bench/running_table.py --drain [--instances 10000] [--runs 3]
 
-Every handler a supervised worker runs is wrapped so that it marks its row in the table
-of running steps (`supervisor.running`) before it starts and clears it after. The first
-form times the builtin `noop` handler called directly and through that wrapper; `--drain`
-drains a backlog of one-step `noop` instances with one real `Worker` process using the
-plain registry and one using the tracked registry. Both alternate bare and tracked in each
-run (A B A B ...) and report medians with min-max, the ratio taken within each run. The
-last line is one JSON object.
+Every handler call a supervised worker makes is marked in its table of running steps
+(`supervisor.running`) before the handler starts and cleared after: in the table's lane
+for a coroutine that returns without waiting, in a row of its own for a plain function in
+a thread. The first form times the builtin `noop` handler (a coroutine) and a plain one
+called as a worker calls them (`orch8.engine.calls.Caller`, eagerly on the loop and in a
+thread), without a table and with one; `--drain` drains a backlog of one-step `noop`
+instances with one real `Worker` process without the table and one with it. Both
+alternate bare and tracked in each run (A B A B ...) and report medians with min-max, the
+ratio taken within each run. The last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import statistics
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -29,30 +32,46 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
 from orch8.config import Settings  # noqa: E402
+from orch8.engine.calls import Caller  # noqa: E402
+from orch8.engine.stats import WorkerStats  # noqa: E402
 from orch8.engine.worker import Worker  # noqa: E402
 from orch8.handlers.builtin import noop  # noqa: E402
 from orch8.handlers.context import StepContext  # noqa: E402
-from orch8.handlers.registry import Registry, default_registry  # noqa: E402
+from orch8.handlers.registry import Handler  # noqa: E402
+from orch8.model import Step  # noqa: E402
 from orch8.store.claims import Owner  # noqa: E402
-from supervisor.running import RunningTable, table_rows, tracked  # noqa: E402
+from supervisor.running import RunningTable, table_rows  # noqa: E402
 
 
 def sync_noop(ctx: StepContext, params: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
-async def time_async(function: Any, context: StepContext, calls: int) -> float:
-    started = time.perf_counter()
-    for _ in range(calls):
-        await function(context, {})
-    return (time.perf_counter() - started) / calls * 1e9
+def time_on_the_loop(caller: Caller, context: StepContext, calls: int) -> float:
+    """ns per `noop` call started (and finished) on the event loop, as a held claim's."""
+    handler, step = Handler("noop", noop, True), Step("step", "noop")
+
+    async def run() -> float:
+        started = time.perf_counter()
+        for _ in range(calls):
+            caller.call_now(handler, step, context)
+        caller.count_quick()
+        return (time.perf_counter() - started) / calls * 1e9
+
+    return asyncio.run(run())
 
 
-def time_sync(function: Any, context: StepContext, calls: int) -> float:
-    started = time.perf_counter()
-    for _ in range(calls):
-        function(context, {})
-    return (time.perf_counter() - started) / calls * 1e9
+def time_in_a_thread(caller: Caller, context: StepContext, calls: int) -> float:
+    """ns per plain call in the handler thread, its hand-off to the thread included."""
+    handler, step = Handler("sync_noop", sync_noop, False), Step("step", "sync_noop")
+
+    async def run() -> float:
+        started = time.perf_counter()
+        for _ in range(calls):
+            await caller.call(handler, step, context)
+        return (time.perf_counter() - started) / calls * 1e9
+
+    return asyncio.run(run())
 
 
 def tracked_worker(dsn: str, slot: int, ready: Any, stop: Any, options: dict[str, Any]) -> None:
@@ -63,8 +82,7 @@ def tracked_worker(dsn: str, slot: int, ready: Any, stop: Any, options: dict[str
 
     async def main() -> None:
         stopping = asyncio.Event()
-        worker = Worker(settings, dsn, Owner("bench", uuid.UUID(int=1), slot),
-                        registry=tracked(default_registry, table))
+        worker = Worker(settings, dsn, Owner("bench", uuid.UUID(int=1), slot), tracker=table)
         task = asyncio.create_task(worker.run(stopping))
         ready.release()
         while not stop.is_set():
@@ -113,24 +131,19 @@ def main() -> None:
     if args.drain:
         drains(args.instances, args.runs)
         return
-    registry = Registry()
-    registry.register("noop", noop)
-    registry.register("sync_noop", sync_noop)
     table = RunningTable.create(table_rows(100))
-    wrapped = tracked(registry, table)
+    bare_caller = Caller(WorkerStats(), ThreadPoolExecutor(1))
+    tracking_caller = Caller(WorkerStats(), ThreadPoolExecutor(1), tracker=table)
     context = StepContext(uuid.uuid4(), "bench", "step", 1, {}, {})
     added: dict[str, list[float]] = {"async": [], "sync": []}
     bare_ns: dict[str, list[float]] = {"async": [], "sync": []}
+    threaded_calls = max(1, args.calls // 20)  # (a hand-off to a thread costs ~20 calls)
     for _ in range(args.runs):
-        bare = asyncio.run(time_async(noop, context, args.calls))
-        with_table = asyncio.run(time_async(wrapped.get("noop").function,  # type: ignore[union-attr]
-                                            context, args.calls))
-        added["async"].append(with_table - bare)
+        bare = time_on_the_loop(bare_caller, context, args.calls)
+        added["async"].append(time_on_the_loop(tracking_caller, context, args.calls) - bare)
         bare_ns["async"].append(bare)
-        bare = time_sync(sync_noop, context, args.calls)
-        with_table = time_sync(wrapped.get("sync_noop").function,  # type: ignore[union-attr]
-                               context, args.calls)
-        added["sync"].append(with_table - bare)
+        bare = time_in_a_thread(bare_caller, context, threaded_calls)
+        added["sync"].append(time_in_a_thread(tracking_caller, context, threaded_calls) - bare)
         bare_ns["sync"].append(bare)
     table.close()
     result = {}

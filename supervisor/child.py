@@ -27,11 +27,10 @@ from orch8.engine.stats import METRICS_DIR_VARIABLE, process_stats
 from orch8.engine.worker import Worker
 from orch8.errors import ConfigError
 from orch8.handlers import load_modules
-from orch8.handlers.registry import default_registry
 from orch8.store.claims import Owner
 from supervisor import processes
 from supervisor.protocol import BootFailed, Drain, Hurry, ProtocolError, Report, decode, encode
-from supervisor.running import RunningTable, tracked
+from supervisor.running import RunningTable
 
 log = logging.getLogger("orch8.supervisor.worker")
 
@@ -130,8 +129,8 @@ async def _serve(start: WorkerStart, pipe: Connection, running: RunningTable) ->
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     owner = Owner(start.node_id, start.incarnation, start.slot)
-    worker = Worker(start.settings, start.dsn, owner, registry=tracked(default_registry, running),
-                    stats=process_stats(), still_running=running.running_instances)
+    worker = Worker(start.settings, start.dsn, owner, stats=process_stats(),
+                    still_running=running.running_instances, tracker=running)
     control = _Control(worker, stop, pipe)
     loop.add_signal_handler(signal.SIGTERM, stop.set)  # our own drain
     loop.add_reader(pipe.fileno(), control.on_readable)

@@ -4,6 +4,12 @@ A coroutine handler is started eagerly, on the caller's task: most (`noop`, `log
 handler that only computes) return without ever awaiting, and then cost no Task at all.
 Only one that really suspends gets a Task of its own for the rest of its run. Plain
 functions may block, so they always run in the handler thread pool.
+
+Each call is marked in the worker's `Tracker` (the supervisor's table of running steps)
+while its handler runs: a call on the event loop in the tracker's lane, one that suspends
+or runs in a thread in a row of its own. An exception that ends the process with it
+(`SystemExit`, `KeyboardInterrupt`) leaves the mark in place: that step's execution ended
+with the process.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Generator
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import Context, copy_context
 from time import perf_counter
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import orjson
 
@@ -25,6 +31,28 @@ from orch8.handlers.registry import Handler, HandlerError
 from orch8.model import Step
 
 MAX_ERROR_CHARS = 4000
+# Exceptions that take the process down with them: the running step's mark stays.
+_ENDS_PROCESS = (SystemExit, KeyboardInterrupt)
+
+
+class Tracker(Protocol):
+    """Where a worker records which steps' handlers are running, for whoever must know
+    once it has died (`supervisor.running.RunningTable`)."""
+
+    def enter(self, context: StepContext) -> None:
+        """A handler starts on the event loop (one at a time: `leave` or `detach` first)."""
+
+    def leave(self) -> None:
+        """The event loop's handler returned or raised."""
+
+    def detach(self, context: StepContext) -> int:
+        """The event loop's handler suspended: mark it apart; the mark to `clear`."""
+
+    def mark(self, context: StepContext) -> int:
+        """A handler starts in a thread; the mark to `clear`."""
+
+    def clear(self, mark: int) -> None:
+        """A handler marked apart ended."""
 
 
 class Outcome(NamedTuple):
@@ -42,10 +70,11 @@ class Caller:
     """Calls handlers for one worker: async ones on its loop, plain ones in its threads."""
 
     def __init__(self, stats: WorkerStats, threads: ThreadPoolExecutor,
-                 unknown: Callable[[str], str] = lambda name: f"unknown handler {name!r}"
-                 ) -> None:
+                 unknown: Callable[[str], str] = lambda name: f"unknown handler {name!r}",
+                 tracker: Tracker | None = None) -> None:
         self._stats = stats
         self._threads = threads
+        self._tracker = tracker
         # How long each finished call took, until `count_quick` counts them.
         self._quick: list[float] = []
         # The error for a handler this process lacks (the registry's, which says how to fix it).
@@ -65,6 +94,9 @@ class Caller:
         # A context of its own, as a Task would give it: a context variable a handler sets
         # must not leak into the next handler of the batch.
         variables = copy_context()
+        tracker = self._tracker
+        if tracker is not None:
+            tracker.enter(context)
         try:
             coroutine = handler.function(context, step.params)
             suspended_on = variables.run(coroutine.send, None)
@@ -72,8 +104,21 @@ class Caller:
             outcome = _output(returned.value)
         except Exception as error:
             outcome = _failure(step, error)
+        except _ENDS_PROCESS:
+            raise
+        except BaseException:  # (a handler raising CancelledError, say)
+            if tracker is not None:
+                tracker.leave()
+            raise
         else:
-            return self._finish(step, _resume(coroutine, suspended_on, variables), started)
+            # It suspended: the rest of its call goes on, marked apart until it ends.
+            ended = (_nothing if tracker is None
+                     else functools.partial(tracker.clear, tracker.detach(context)))
+            resume = _resume(coroutine, suspended_on, variables, ended)
+            resume.send(None)  # (see `_resume`)
+            return self._finish(step, resume, started)
+        if tracker is not None:
+            tracker.leave()
         self._quick.append(perf_counter() - started)
         return outcome
 
@@ -95,18 +140,20 @@ class Caller:
         """
         if handler is None:
             return Outcome(error=self._unknown(step.handler), retryable=False)
+        if handler.is_async:
+            if on_start is not None:
+                on_start()  # (it starts here and now)
+            outcome = self.call_now(handler, step, context)
+            if isinstance(outcome, Outcome):
+                self.count_quick()
+                return outcome
+            return await outcome
         function = handler.function if on_start is None else _announcing(
-            handler.function, handler.is_async, on_start)
+            handler.function, on_start)
         started = perf_counter()
-        try:
-            if handler.is_async:
-                pending: Awaitable[Any] = function(context, step.params)
-            else:
-                call = functools.partial(function, context, step.params)
-                pending = asyncio.get_running_loop().run_in_executor(self._threads, call)
-        except Exception as error:  # an async handler called with the wrong arguments
-            self._observe(started)
-            return _failure(step, error)
+        call = (functools.partial(function, context, step.params) if self._tracker is None
+                else functools.partial(_marked, self._tracker, function, context, step.params))
+        pending = asyncio.get_running_loop().run_in_executor(self._threads, call)
         return await self._finish(step, pending, started)
 
     async def _finish(self, step: Step, pending: Awaitable[Any], started: float) -> Outcome:
@@ -136,14 +183,49 @@ def _failure(step: Step, error: Exception) -> Outcome:
     return Outcome(error=f"{type(error).__name__}: {error}"[:MAX_ERROR_CHARS])
 
 
-@types.coroutine
-def _resume(coroutine: Coroutine[Any, Any, Any], suspended_on: Any,
-            variables: Context) -> Generator[Any, Any, Any]:
-    """Drive, from a new Task, a coroutine already started elsewhere (in `variables`).
+def _nothing() -> None:
+    pass
 
-    It first hands the Task what the coroutine suspended on (a future the Task then
-    waits for), then relays every resumption and every exception (a cancel) to it.
+
+@types.coroutine
+def _resume(coroutine: Coroutine[Any, Any, Any], suspended_on: Any, variables: Context,
+            ended: Callable[[], None]) -> Generator[Any, Any, Any]:
+    """Drive, from a new Task, a coroutine already started elsewhere (in `variables`),
+    and call `ended` once it has ended however it ended, unless by an exception that ends
+    the process.
+
+    The caller starts it at once, to a first `yield` that hands out nothing: a started
+    generator is closed when it is dropped, so a call never awaited (a held claim whose
+    write failed drops the calls that suspended in it) is closed where it waited and
+    ended too. Then it hands the Task what the coroutine suspended on (a future the Task
+    waits for), and relays every resumption and every exception (a cancel) to it.
     """
+    try:
+        try:
+            yield
+        except GeneratorExit:
+            coroutine.close()
+            raise
+        except BaseException as error:  # (thrown in before the Task's first step)
+            result = yield from _relay(coroutine, suspended_on, variables, error)
+        else:
+            result = yield from _relay(coroutine, suspended_on, variables)
+    except _ENDS_PROCESS:
+        raise
+    except BaseException:
+        ended()
+        raise
+    ended()
+    return result
+
+
+def _relay(coroutine: Coroutine[Any, Any, Any], suspended_on: Any, variables: Context,
+           thrown: BaseException | None = None) -> Generator[Any, Any, Any]:
+    if thrown is not None:
+        try:
+            suspended_on = variables.run(coroutine.throw, thrown)
+        except StopIteration as returned:
+            return returned.value
     while True:
         try:
             sent = yield suspended_on
@@ -162,14 +244,22 @@ def _resume(coroutine: Coroutine[Any, Any, Any], suspended_on: Any,
                 return returned.value
 
 
-def _announcing(function: Any, is_async: bool, on_start: Callable[[], None]) -> Any:
-    """`function`, calling `on_start` on the event loop as it starts (from any thread)."""
-    if is_async:
-        async def announced_async(*args: Any) -> Any:
-            on_start()
-            return await function(*args)
+def _marked(tracker: Tracker, function: Any, context: StepContext,
+            params: dict[str, Any]) -> Any:
+    """Run a plain handler, in its thread, marked for as long as the thread runs it (even
+    after its step timed out, or its task was cancelled)."""
+    mark = tracker.mark(context)
+    try:
+        result = function(context, params)
+    except Exception:
+        tracker.clear(mark)
+        raise
+    tracker.clear(mark)
+    return result
 
-        return announced_async
+
+def _announcing(function: Any, on_start: Callable[[], None]) -> Any:
+    """`function`, calling `on_start` on the event loop as it starts (from any thread)."""
     loop = asyncio.get_running_loop()
 
     def announced(*args: Any) -> Any:

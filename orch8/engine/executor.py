@@ -30,7 +30,7 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from orch8.engine.backoff import backoff_ms
-from orch8.engine.calls import Caller, Outcome
+from orch8.engine.calls import Caller, Outcome, Tracker
 from orch8.engine.committer import StepCommitter
 from orch8.engine.limits import LimitWatch
 from orch8.engine.stats import WorkerStats
@@ -122,12 +122,13 @@ class Executor:
         threads: ThreadPoolExecutor,
         is_draining: Callable[[], bool],
         limits: LimitWatch | None = None,
+        tracker: Tracker | None = None,
     ) -> None:
         self._pool = pool
         self._committer = committer
         self._registry = registry
         self._stats = stats
-        self._caller = Caller(stats, threads, registry.unknown)
+        self._caller = Caller(stats, threads, registry.unknown, tracker)
         self._is_draining = is_draining
         self._limits = limits
         # Definitions are immutable per (name, version), so caching them forever is safe.
@@ -257,7 +258,9 @@ class Executor:
             id_, epoch, name, version, input_, index, attempt, delay_done, _, _, _ = claimed
             sequence = sequences[name, version]
             steps = sequence.steps
-            earlier = earlier_outputs.get(id_)  # (ours to change: loaded for this run)
+            # (Ours to change: loaded for this run. A UUID's hash is a Python call: none
+            # when no instance of the batch had earlier steps.)
+            earlier = earlier_outputs.get(id_) if earlier_outputs else None
             ran_a_step = False
             while True:
                 if index >= len(steps):

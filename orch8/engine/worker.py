@@ -38,6 +38,7 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from orch8.config import Settings
+from orch8.engine.calls import Tracker
 from orch8.engine.committer import StepCommitter
 from orch8.engine.executor import Executor, Held, HeldConflict, Run
 from orch8.engine.limits import LimitWatch
@@ -69,6 +70,7 @@ class Worker:
         registry: Registry | None = None,
         stats: WorkerStats | None = None,
         still_running: Callable[[], Collection[uuid.UUID]] | None = None,
+        tracker: Tracker | None = None,
     ) -> None:
         self.settings = settings
         self.owner = owner
@@ -97,6 +99,8 @@ class Worker:
         self._started_at: datetime | None = None  # the database's clock at this run's start
         # Instances whose handler code still runs in this process (see the module doc).
         self._still_running = still_running or (lambda: ())
+        # Where each handler call is marked while it runs (the supervisor's table).
+        self._tracker = tracker
 
     @property
     def _refill_at(self) -> int:
@@ -130,7 +134,7 @@ class Worker:
         limits = LimitWatch(pool)
         self._stop = stop
         executor = Executor(pool, committer, self._registry, self.stats, threads,
-                            lambda: self._draining, limits)
+                            lambda: self._draining, limits, self._tracker)
         self._executor = executor  # for the batches a write claims (`claimed`)
         # Know the rate-limited handlers before the first step runs.
         with contextlib.suppress(psycopg.OperationalError, OSError):
