@@ -129,8 +129,7 @@ async def _serve(start: WorkerStart, pipe: Connection, running: RunningTable) ->
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     owner = Owner(start.node_id, start.incarnation, start.slot)
-    worker = Worker(start.settings, start.dsn, owner, stats=process_stats(),
-                    still_running=running.running_instances, tracker=running)
+    worker = Worker(start.settings, start.dsn, owner, stats=process_stats(), tracker=running)
     control = _Control(worker, stop, pipe)
     loop.add_signal_handler(signal.SIGTERM, stop.set)  # our own drain
     loop.add_reader(pipe.fileno(), control.on_readable)

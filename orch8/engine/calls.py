@@ -17,7 +17,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import types
-from collections.abc import Awaitable, Callable, Coroutine, Generator
+import uuid
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Generator
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import Context, copy_context
 from time import perf_counter
@@ -53,6 +54,9 @@ class Tracker(Protocol):
 
     def clear(self, mark: int) -> None:
         """A handler marked apart ended."""
+
+    def running_instances(self) -> Collection[uuid.UUID]:
+        """Instances whose handler still runs (a thread that outlived its task)."""
 
 
 class Outcome(NamedTuple):
@@ -201,15 +205,7 @@ def _resume(coroutine: Coroutine[Any, Any, Any], suspended_on: Any, variables: C
     waits for), and relays every resumption and every exception (a cancel) to it.
     """
     try:
-        try:
-            yield
-        except GeneratorExit:
-            coroutine.close()
-            raise
-        except BaseException as error:  # (thrown in before the Task's first step)
-            result = yield from _relay(coroutine, suspended_on, variables, error)
-        else:
-            result = yield from _relay(coroutine, suspended_on, variables)
+        result = yield from _relay(coroutine, suspended_on, variables)
     except _ENDS_PROCESS:
         raise
     except BaseException:
@@ -219,25 +215,25 @@ def _resume(coroutine: Coroutine[Any, Any, Any], suspended_on: Any, variables: C
     return result
 
 
-def _relay(coroutine: Coroutine[Any, Any, Any], suspended_on: Any, variables: Context,
-           thrown: BaseException | None = None) -> Generator[Any, Any, Any]:
-    if thrown is not None:
-        try:
-            suspended_on = variables.run(coroutine.throw, thrown)
-        except StopIteration as returned:
-            return returned.value
+def _relay(coroutine: Coroutine[Any, Any, Any], suspended_on: Any,
+           variables: Context) -> Generator[Any, Any, Any]:
+    started = False  # (the first resumption is the Task's start: nothing to relay)
     while True:
         try:
-            sent = yield suspended_on
+            sent = yield suspended_on if started else None
         except GeneratorExit:
             coroutine.close()
             raise
-        except BaseException as error:
+        except BaseException as error:  # (before the Task's first step too: a cancel)
+            started = True
             try:
                 suspended_on = variables.run(coroutine.throw, error)
             except StopIteration as returned:
                 return returned.value
         else:
+            if not started:
+                started = True
+                continue
             try:
                 suspended_on = variables.run(coroutine.send, sent)
             except StopIteration as returned:

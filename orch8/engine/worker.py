@@ -19,7 +19,7 @@ still runs is cancelled and its claims released (fenced), so nothing waits for s
 A plain (non-async) handler cannot be cancelled: its thread runs on. Its claim is then
 kept, not released, so that no other worker can start the step while it still runs here;
 the process must exit, and whoever watches it releases the claim once it is gone (the
-supervisor does, `still_running` tells which).
+supervisor does, its `tracker` tells which).
 """
 
 from __future__ import annotations
@@ -28,8 +28,7 @@ import asyncio
 import contextlib
 import logging
 import operator
-import uuid
-from collections.abc import Callable, Collection, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any
@@ -69,7 +68,6 @@ class Worker:
         owner: Owner,
         registry: Registry | None = None,
         stats: WorkerStats | None = None,
-        still_running: Callable[[], Collection[uuid.UUID]] | None = None,
         tracker: Tracker | None = None,
     ) -> None:
         self.settings = settings
@@ -97,9 +95,8 @@ class Worker:
         # `claims.RELEASE_OWNER`), so what this worker does not hold is given back first.
         self._claim_unsure = False
         self._started_at: datetime | None = None  # the database's clock at this run's start
-        # Instances whose handler code still runs in this process (see the module doc).
-        self._still_running = still_running or (lambda: ())
-        # Where each handler call is marked while it runs (the supervisor's table).
+        # Where each handler call is marked while it runs (the supervisor's table), which
+        # also tells whose handler code still runs in this process (see the module doc).
         self._tracker = tracker
 
     @property
@@ -369,7 +366,7 @@ class Worker:
         await committer.flush()
         # The fence leaves alone those of a batch that already completed or moved on.
         unfinished, kept = list(self._orphans), list[Claimed]()
-        still_running = self._still_running()
+        still_running = self._tracker.running_instances() if self._tracker else ()
         for task, batch in left.items():
             for instance in batch.claims:
                 stopped = task.done() and instance.id not in still_running
