@@ -17,7 +17,7 @@ raw loop and orch8's statements with them: before the nodes in one run, after th
 next. `--raw` adds the minimal raw loop (`bench/raw.py`, 2 processes, the first batch
 size) to each run, and each configuration's rate as a ratio to the raw loop's in that run:
 with a long drain, the steady state that a 5,000-instance drain on a node just started
-only nears (the raw loop's CPU is not split). `--own-sql` adds orch8's own statements sent
+only nears, and PostgreSQL's CPU per instance for it. `--own-sql` adds orch8's own statements sent
 by the same minimal loop (`bench/own_sql.py`, 2 processes, the first batch size) and
 PostgreSQL's CPU for them: what the schema and statements allow before any engine runs, so
 the gap between the raw loop and the node splits in two.
@@ -102,12 +102,16 @@ def migrate_with(root: Path, dsn: str) -> None:
         raise SystemExit(f"cpu_split: migrating with {root} failed: {lines[-1]}")
 
 
-def raw_drain(dsn: str, batch: int, count: int) -> dict[str, float]:
-    """The raw loop's rate. Its CPU is not split: its backlog and its processes' start
-    fall inside what the counters would show."""
-    figure = raw.drain(dsn, batch, 2, count)
+def raw_drain(dsn: str, server: psutil.Process, batch: int, count: int) -> dict[str, float]:
+    """The raw loop's rate and PostgreSQL's CPU per instance, read as for orch8's
+    statements alone (`own_sql_drain`)."""
+    before: dict[str, float] = {}
+    figure = raw.drain(dsn, batch, 2, count, at_release=lambda: before.update(
+        cpu_seconds(server)))
+    after = cpu_seconds(server)
     _check(figure, "the raw drain")
-    return {"per_s": figure.per_s}
+    return {"per_s": figure.per_s,
+            "postgres_us": (after["postgres"] - before["postgres"]) * 1e6 / count}
 
 
 def own_sql_drain(dsn: str, server: psutil.Process, batch: int,
@@ -219,7 +223,7 @@ def main() -> None:
             for part in parts[::-1] if run % 2 else parts:
                 if part == "raw":
                     with server.database(migrated=False) as dsn:
-                        raw = raw_drain(dsn, batches[0][0], args.instances)
+                        raw = raw_drain(dsn, pid, batches[0][0], args.instances)
                 elif part == "own_sql":
                     with server.database() as dsn:
                         own = own_sql_drain(dsn, pid, batches[0][0], args.instances)

@@ -9,6 +9,7 @@ of everything orch8 adds.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import psycopg
 
@@ -62,15 +63,19 @@ def loop(signals: Signals, slot: int, dsn: str, batch: int) -> None:
             signals.count(len(rows))
 
 
-def drain(dsn: str, batch: int, processes: int, count: int, timeout_s: float = 300) -> Figure:
+def drain(dsn: str, batch: int, processes: int, count: int, timeout_s: float = 300,
+          at_release: Callable[[], object] | None = None) -> Figure:
     """`processes` raw loops on a fresh empty database `dsn`; the backlog is inserted in
-    one transaction once they all poll, and timed from its commit to the last finish."""
+    one transaction once they all poll, and timed from its commit to the last finish.
+    `at_release` is called just before that commit (to read counters there)."""
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(SCHEMA)
     with children(loop, processes, dsn, batch) as crew:
         crew.signals.go.set()
         with psycopg.connect(dsn) as conn:
             conn.execute(BACKLOG, {"count": count})
+            if at_release is not None:
+                at_release()
             released = commit_stamped(conn)
             complete = crew.wait_count(count, timeout_s)
             last = conn.execute(LAST_FINISHED).fetchone()[0]  # type: ignore[index]

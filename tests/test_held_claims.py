@@ -299,6 +299,51 @@ def test_held_claims_chain_while_full_batches_come_back(dsn: str, client: Client
     assert paths(dsn) == {i: [("scheduled", "completed")] for i in ids}
 
 
+def test_a_row_changed_after_the_locks_snapshot_is_written_where_it_was_locked(
+        dsn: str, client: Client) -> None:
+    # The held write finds its rows where the lock found them (`Claimed.ctid`). A row
+    # another session updated (still due) after the lock's snapshot was taken is locked
+    # in its new version: the write must find that version, not the one the snapshot saw.
+    client.create_sequence("one", [{"id": "a", "handler": "noop"}])
+    instance_id = client.start("one").id
+    incarnation = uuid.uuid4()
+    taken: list[Held] = []
+
+    async def run() -> tuple[str, str]:
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            await nodes.register(conn, "test-node", incarnation, "host", 1, 1, 60,
+                                 lambda h: False)
+            # A registration of the node id in flight: the lock's one wait, with its
+            # snapshot already taken (`claims.CLAIMER_REPLACED`).
+            blocker = await psycopg.AsyncConnection.connect(dsn)
+            await blocker.execute("SELECT 1 FROM cluster_nodes WHERE id = 'test-node' "
+                                  "FOR UPDATE")
+            async with executor_on(dsn) as (executor, held_conn):
+                locking = asyncio.create_task(executor.run_locked(
+                    held_conn, Owner("test-node", incarnation, 0), 10, lambda held: 0,
+                    taken.append))
+                waiting = ("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = "
+                           "'Lock' AND query LIKE '%claimer AS MATERIALIZED%'")
+                while (await (await conn.execute(waiting)).fetchone()) != (1,):
+                    await asyncio.sleep(0.01)  # (until the lock waits: a row, polled)
+                changed = "UPDATE instances SET updated_at = now() WHERE id = %s RETURNING ctid"
+                before = await (await conn.execute("SELECT ctid FROM instances WHERE id = %s",
+                                                   (instance_id,))).fetchone()
+                after = await (await conn.execute(changed, (instance_id,))).fetchone()
+                await blocker.rollback()
+                await blocker.close()
+                await locking
+        assert before is not None and after is not None
+        return str(before[0]), str(after[0])
+
+    before, after = asyncio.run(run())
+    assert before != after  # (a new row version, elsewhere)
+    [held] = taken
+    assert [c.ctid for c in held.locked] == [after]
+    assert paths(dsn) == {instance_id: [("scheduled", "completed")]}
+    assert client.get(instance_id).outputs == {"a": {}}
+
+
 def test_a_failure_after_a_commit_hands_over_what_it_claimed(dsn: str, client: Client
                                                               ) -> None:
     client.create_sequence("waits", [{"id": "a", "handler": "held_suspends"}])

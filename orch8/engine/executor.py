@@ -258,7 +258,7 @@ class Executor:
         here: dict[int, tuple[Handler | None] | None] = {}
         for claimed in locked:
             # One unpacking, not a named tuple's attribute look-up per use.
-            id_, epoch, name, version, input_, index, attempt, delay_done, _, _, _ = claimed
+            id_, epoch, name, version, input_, index, attempt, delay_done, _, _, _, ctid = claimed
             sequence = sequences[name, version]
             steps = sequence.steps
             # (Ours to change: loaded for this run. A UUID's hash is a Python call: none
@@ -267,7 +267,7 @@ class Executor:
             ran_a_step = False
             while True:
                 if index >= len(steps):
-                    settled.append((id_, epoch, index, True))
+                    settled.append((id_, epoch, index, True, ctid))
                     break
                 step = steps[index]
                 outcome: Outcome | Awaitable[Outcome] | None = None
@@ -289,7 +289,7 @@ class Executor:
                                     fragment(output) if output and output != "{}"
                                     else EMPTY_OUTPUT, index, last))
                     if last:  # (most runs)
-                        settled.append((id_, epoch, index, True))
+                        settled.append((id_, epoch, index, True, ctid))
                         break
                     if earlier is None:
                         earlier = {}
@@ -301,7 +301,7 @@ class Executor:
                     claimed, sequence, {} if earlier is None else earlier, index, attempt,
                     delay_done, ran_a_step,
                     _ready(outcome) if isinstance(outcome, Outcome) else outcome))
-                settled.append((id_, epoch, index, False))
+                settled.append((id_, epoch, index, False, ctid))
                 break
         self._caller.count_quick()
         return settled, outputs, going_on
