@@ -45,6 +45,8 @@ class Claimed(NamedTuple):
     # A `Priority`'s value (the column as it is stored; compared, never shown).
     priority: int
     # Seconds from when it was due to when it was claimed (the claim-latency metric).
+    # Read with `date_part`, a float8 already: `extract` gives a numeric, whose arithmetic
+    # and cast made a held lock of 100 rows 8 % dearer (interleaved A/B on one connection).
     lateness_s: float
     # It has a concurrency key (a held claim leaves it to the keyed claim: `lock_due`).
     keyed: bool
@@ -136,7 +138,7 @@ TAKE = """
 TAKEN = """
     RETURNING i.id, i.claim_epoch AS epoch, i.sequence_name, i.sequence_version, i.input,
         i.step_index, i.attempt, i.delay_done, i.priority,
-        extract(epoch FROM now() - i.next_fire_at)::float8 AS lateness_s,
+        date_part('epoch', now() - i.next_fire_at) AS lateness_s,
         i.concurrency_key IS NOT NULL AS keyed, NULL::text AS ctid
 """
 
@@ -489,7 +491,7 @@ WITH {CLAIMER_REPLACED}
 SELECT * FROM (
     SELECT id, claim_epoch AS epoch, sequence_name, sequence_version, input, step_index,
         attempt, delay_done, priority,
-        extract(epoch FROM now() - next_fire_at)::float8 AS lateness_s,
+        date_part('epoch', now() - next_fire_at) AS lateness_s,
         concurrency_key IS NOT NULL AS keyed, ctid {DUE}
 ) due LIMIT {{bound}}
 """

@@ -419,7 +419,7 @@ def queue_depth() -> Query[dict[str, int]]:
 # (a min() over the whole index would walk every future entry on servers without skip
 # scan). Instances parked for a concurrency slot are not claimable, so not counted here.
 OLDEST_DUE = """
-SELECT extract(epoch FROM now() - min(oldest.next_fire_at))::float8 AS age_s
+SELECT date_part('epoch', now() - min(oldest.next_fire_at)) AS age_s
 FROM unnest('{3,2,1,0}'::smallint[]) AS p(priority)
 CROSS JOIN LATERAL (
     SELECT next_fire_at FROM instances

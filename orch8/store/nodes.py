@@ -62,7 +62,7 @@ class Holder:
 # claim reads this row FOR KEY SHARE: orch8.store.claims).
 LOCK_PREVIOUS = """
 SELECT incarnation, state, hostname, pid, last_heartbeat,
-       greatest(extract(epoch FROM now() - last_heartbeat), 0)::float8 AS silent_s
+       greatest(date_part('epoch', now() - last_heartbeat), 0) AS silent_s
 FROM cluster_nodes WHERE id = %(node_id)s FOR UPDATE
 """
 UPSERT = """
@@ -284,7 +284,7 @@ LIST_NODES = """
 SELECT n.id, n.hostname, n.started_at, n.last_heartbeat, n.state, n.workers,
        (SELECT count(*) FROM instances i
         WHERE i.state = 'running' AND i.claim_incarnation = n.incarnation) AS instances_claimed,
-       greatest(extract(epoch FROM now() - n.last_heartbeat), 0)::float8 AS heartbeat_age_s,
+       greatest(date_part('epoch', now() - n.last_heartbeat), 0) AS heartbeat_age_s,
        (n.stats ->> 'workers_alive')::int AS workers_alive
 FROM cluster_nodes n
 ORDER BY n.id
