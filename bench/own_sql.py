@@ -57,7 +57,7 @@ def loop(signals: Signals, slot: int, dsn: str, batch: int) -> None:
                     while True:
                         # (As a held run of `noop` records them: see `claims.Settled`.)
                         settled = [(row[0], row[1], 1, True, row[11]) for row in rows]
-                        outputs = [(row[0], row[1], STEP, 1, EMPTY, 1, True) for row in rows]
+                        outputs = [(row[0], STEP, 1, EMPTY) for row in rows]
                         if settled:
                             conn.execute(claims.SETTLE_LOCKED,
                                          claims.settle_params(owner, settled, outputs))

@@ -38,7 +38,7 @@ from orch8.handlers.context import StepContext
 from orch8.handlers.registry import Handler, Registry
 from orch8.model import Step
 from orch8.store import claims, rate_limits, wire
-from orch8.store.claims import Claimed, Owner, Settled, StepDone, StepRow
+from orch8.store.claims import Claimed, Output, Owner, Settled, StepDone
 from orch8.store.sequences import Sequence, get_sequence
 
 log = logging.getLogger("orch8.engine.executor")
@@ -237,7 +237,7 @@ class Executor:
 
     def _run_held(self, locked: list[Claimed], sequences: dict[tuple[str, int], Sequence],
                   earlier_outputs: dict[Any, dict[str, Any]]
-                  ) -> tuple[list[Settled], list[StepRow], list[Run]]:
+                  ) -> tuple[list[Settled], list[Output], list[Run]]:
         """Run locked instances' steps while each returns at once, one instance after
         another; return where each stopped, the outputs to record, and the runs that go on
         under a claim (the only ones that need a `Run`).
@@ -249,7 +249,7 @@ class Executor:
         at least once, as always.)
         """
         settled: list[Settled] = []
-        outputs: list[StepRow] = []
+        outputs: list[Output] = []
         going_on: list[Run] = []
         call_now = self._caller.call_now
         fragment = orjson.Fragment
@@ -285,9 +285,8 @@ class Executor:
                     index += 1
                     last = index == len(steps)
                     output = outcome.output_json
-                    outputs.append((id_, epoch, step.id, 1,
-                                    fragment(output) if output and output != "{}"
-                                    else EMPTY_OUTPUT, index, last))
+                    outputs.append((id_, step.id, 1, fragment(output)
+                                    if output and output != "{}" else EMPTY_OUTPUT))
                     if last:  # (most runs)
                         settled.append((id_, epoch, index, True, ctid))
                         break

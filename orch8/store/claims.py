@@ -405,8 +405,8 @@ def finish_params(done: Sequence[StepDone]) -> dict[str, Any]:
 
 
 # A step success as `STEPS_DONE` reads it, one JSON array: `StepDone`'s fields in their
-# order, the output embedded as the JSON it is. A held run builds these directly (see
-# `Settled`); other writes convert their `StepDone`s (`step_rows`).
+# order, the output embedded as the JSON it is; writes convert their `StepDone`s
+# (`step_rows`). (A held run writes less per step: `Output`.)
 StepRow = tuple[uuid.UUID, int, str, int, orjson.Fragment, int, bool]
 
 
@@ -540,9 +540,12 @@ def _lock_due(bound: int) -> wire.Statement:
 # each written as one JSON array (a named tuple costs 300 ns more to build, and orjson
 # writes it only through a fallback call per row).
 # `Settled` is where an instance's run left it, (id, epoch, next_index, last, ctid): at
-# `next_index`, completed if `last`; `ctid` is its `Claimed.ctid`; the steps it ran are
-# `StepRow`s.
+# `next_index`, completed if `last`; `ctid` is its `Claimed.ctid`.
 Settled = tuple[uuid.UUID, int, int, bool, str]
+# `Output` is the output of a step it ran, (id, step_id, attempt, output): only what the
+# row records (the write's place and fence are the instance's, in `Settled`), which made
+# the write 3 % cheaper to parse and run than `StepRow`'s seven fields.
+Output = tuple[uuid.UUID, str, int, orjson.Fragment]
 
 
 # The held run's outcome, in the locking transaction: where each instance got to, and the
@@ -567,7 +570,7 @@ Settled = tuple[uuid.UUID, int, int, bool, str]
 # sequence and a step index never goes back. So the row cannot be there, and the check
 # would cost a probe of the outputs' key per step, a tenth of what the server spends on a
 # one-step instance (`settle_locked` says what happens should it be there all the same).
-SETTLE_LOCKED = f"""
+SETTLE_LOCKED = """
 WITH settled AS (
     SELECT (s->>0)::uuid AS id, (s->>1)::bigint AS epoch, (s->>2)::int AS next_index,
         (s->>3)::bool AS last, (s->>4)::tid AS ctid
@@ -589,9 +592,9 @@ WITH settled AS (
     RETURNING i.id
 )
 INSERT INTO step_outputs (instance_id, step_id, output, attempt)
-SELECT o.id, o.step_id, o.output, o.attempt
-FROM ({STEPS_DONE.format(document="%(outputs)s")}) AS o
-WHERE o.id IN (SELECT id FROM settling)
+SELECT (o->>0)::uuid, o->>1, o->3, (o->>2)::int
+FROM jsonb_array_elements(%(outputs)s::jsonb) AS o
+WHERE (o->>0)::uuid IN (SELECT id FROM settling)
 """
 # The same write with the conflict check every other output write makes, for a worker
 # that once found an output already there (see `settle_locked`).
@@ -603,7 +606,7 @@ _SETTLE_CHECKED = wire.Statement.of("settle_locked_checked", SETTLE_LOCKED_CHECK
 
 
 def settle_locked(pipeline: wire.Pipeline, owner: Owner, settled: Sequence[Settled],
-                  outputs: Sequence[StepRow], checked: bool = False, chain: bool = False
+                  outputs: Sequence[Output], checked: bool = False, chain: bool = False
                   ) -> wire.Sent:
     """Queue, on `pipeline`, the write of what the held run of locked instances came to
     (`lock_due`) and the COMMIT: they go with whatever is synced next (the next batch's
@@ -651,7 +654,7 @@ async def warm_up(conn: psycopg.AsyncConnection[Any], limit: int) -> None:
 
 
 def settle_params(owner: Owner, settled: Sequence[Settled],
-                  outputs: Sequence[StepRow]) -> dict[str, Any]:
+                  outputs: Sequence[Output]) -> dict[str, Any]:
     """`SETTLE_LOCKED`'s parameters: the instances and the outputs as JSON documents."""
     return claim_params(owner, len(settled)) | {
         "settled": orjson.dumps(settled).decode(), "outputs": orjson.dumps(outputs).decode()}
