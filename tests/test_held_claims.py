@@ -323,7 +323,8 @@ def test_a_row_changed_after_the_locks_snapshot_is_written_where_it_was_locked(
                     held_conn, Owner("test-node", incarnation, 0), 10, lambda held: 0,
                     taken.append))
                 waiting = ("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = "
-                           "'Lock' AND query LIKE '%claimer AS MATERIALIZED%'")
+                           "'Lock' AND datname = current_database() "
+                           "AND query LIKE '%claimer AS MATERIALIZED%'")
                 while (await (await conn.execute(waiting)).fetchone()) != (1,):
                     await asyncio.sleep(0.01)  # (until the lock waits: a row, polled)
                 changed = "UPDATE instances SET updated_at = now() WHERE id = %s RETURNING ctid"
