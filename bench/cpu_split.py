@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -103,27 +104,30 @@ def migrate_with(root: Path, dsn: str) -> None:
 
 
 def raw_drain(dsn: str, server: psutil.Process, batch: int, count: int) -> dict[str, float]:
-    """The raw loop's rate and PostgreSQL's CPU per instance, read as for orch8's
-    statements alone (`own_sql_drain`)."""
-    before: dict[str, float] = {}
-    figure = raw.drain(dsn, batch, 2, count, at_release=lambda: before.update(
-        cpu_seconds(server)))
-    after = cpu_seconds(server)
-    _check(figure, "the raw drain")
-    return {"per_s": figure.per_s,
-            "postgres_us": (after["postgres"] - before["postgres"]) * 1e6 / count}
+    """The raw loop's rate and PostgreSQL's CPU per instance (`_server_cpu`)."""
+    return _server_cpu(server, count, "the raw drain", lambda at_release: raw.drain(
+        dsn, batch, 2, count, at_release=at_release))
 
 
 def own_sql_drain(dsn: str, server: psutil.Process, batch: int,
                   count: int) -> dict[str, float]:
-    """orch8's statements alone: their rate and PostgreSQL's CPU per instance, read from
-    the backlog's release to the last finish (the loop's own processes are not split:
-    their start would weigh more than their work)."""
+    """orch8's statements alone: their rate and PostgreSQL's CPU per instance
+    (`_server_cpu`)."""
+    return _server_cpu(server, count, "the drain of orch8's statements alone",
+                       lambda at_release: own_sql.drain(dsn, batch, 2, count,
+                                                        at_release=at_release))
+
+
+def _server_cpu(server: psutil.Process, count: int, what: str,
+                drain: Callable[[Callable[[], object]], Figure]) -> dict[str, float]:
+    """A minimal loop's rate, and PostgreSQL's CPU per instance read from the backlog's
+    release (`drain` calls the callback it is given just before it) to the last finish.
+    The loop's own processes are not split: their start would weigh more than their
+    work."""
     before: dict[str, float] = {}
-    figure = own_sql.drain(dsn, batch, 2, count, at_release=lambda: before.update(
-        cpu_seconds(server)))
+    figure = drain(lambda: before.update(cpu_seconds(server)))
     after = cpu_seconds(server)
-    _check(figure, "the drain of orch8's statements alone")
+    _check(figure, what)
     return {"per_s": figure.per_s,
             "postgres_us": (after["postgres"] - before["postgres"]) * 1e6 / count}
 

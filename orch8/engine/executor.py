@@ -229,9 +229,9 @@ class Executor:
 
     def _hand_over(self, held: Held, taken: Callable[[Held], None]) -> None:
         """A held claim committed: its instances that go on are claimed, under the next
-        epoch."""
+        epoch (and their `ctid`, which held only within that transaction, is dropped)."""
         for run in held.going_on:
-            run.claimed = run.claimed._replace(epoch=run.claimed.epoch + 1)
+            run.claimed = run.claimed._replace(epoch=run.claimed.epoch + 1, ctid=None)
         self._stats.add("completed", len(held.locked) - len(held.going_on))
         taken(held)
 

@@ -51,7 +51,8 @@ class Claimed(NamedTuple):
     # It has a concurrency key (a held claim leaves it to the keyed claim: `lock_due`).
     keyed: bool
     # Where a held claim found its row (`ctid`), for the write in the same transaction
-    # (`SETTLE_LOCKED`); None for a claim that set the row `running`.
+    # (`SETTLE_LOCKED`); None for a claim that set the row `running` (a held claim's too,
+    # once committed).
     ctid: str | None
 
 
